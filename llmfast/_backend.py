@@ -1,0 +1,136 @@
+"""Backend selection: which implementation of an op runs.
+
+Backends:
+  cuda       CUDA C++ kernels compiled into llmfast._C (CUDA tensors)
+  triton     Triton kernels in llmfast/triton/ (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+  cpu        C++ kernels compiled into llmfast._C (CPU tensors)
+  reference  plain PyTorch in llmfast/reference/ (any device, any floating dtype): the
+             definition of right
+
+`auto` (the default) picks, for CUDA tensors, the faster of cuda/triton for each op as
+measured on an H100 (AUTO_CUDA below, numbers in benchmarks/results/), and `cpu` for CPU
+tensors. float64 inputs always take the reference path (no kernel is built for them).
+
+The state is plain module globals read at call time, so torch.compile traces straight
+through the choice (and guards on it) instead of breaking the graph.
+"""
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+from . import _extension
+from ._errors import BackendUnavailableError
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+# The auto choice for CUDA tensors, per op, from the H100 benchmark results.
+AUTO_CUDA = {
+    "norm": "cuda",
+}
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Facts about this machine, fixed at import (TRITON_INTERPRET must be set before llmfast and
+# triton are imported, as Triton itself requires).
+_CUDA_RUNTIME = torch.cuda.is_available()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_forced = []  # stack of names pushed by use_backend()
+_default = os.environ.get("LLMFAST_BACKEND", "auto").strip().lower() or "auto"
+
+
+def _usable(name):
+    if name == "cuda":
+        return _extension.built_with_cuda and _CUDA_RUNTIME
+    if name == "triton":
+        return _TRITON_INSTALLED and (_CUDA_RUNTIME or _TRITON_INTERPRET)
+    if name == "cpu":
+        return _extension.has_extension
+    return name == "reference"
+
+
+def available_backends():
+    """Names of the backends usable on this machine, fastest first."""
+    return [name for name in BACKENDS if _usable(name)]
+
+
+def _why_unavailable(name):
+    if name == "cuda":
+        if not _extension.has_extension:
+            return f"llmfast._C could not be loaded ({_extension.load_error})"
+        if not _extension.built_with_cuda:
+            return "llmfast._C was built without its CUDA kernels"
+        return "no CUDA device is available"
+    if name == "triton":
+        if not _TRITON_INSTALLED:
+            return "triton is not installed"
+        return "there is no CUDA device (set TRITON_INTERPRET=1 to run Triton on the CPU)"
+    if name == "cpu":
+        return f"llmfast._C could not be loaded ({_extension.load_error})"
+    return "unknown reason"
+
+
+def _check_name(name, where):
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"{where}: unknown backend {name!r}; expected one of 'auto', " + ", ".join(map(repr, BACKENDS))
+        )
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force one backend inside a `with` block (or as a decorator).
+
+    >>> with llmfast.use_backend("triton"):
+    ...     y = llmfast.functional.layer_norm(x, (768,))
+    """
+    name = str(name).strip().lower()
+    _check_name(name, "use_backend")
+    if name != "auto" and not _usable(name):
+        raise BackendUnavailableError(f"use_backend({name!r}): backend unavailable: {_why_unavailable(name)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def current_backend():
+    """The backend name in force: a forced one, else LLMFAST_BACKEND, else 'auto'."""
+    return _forced[-1] if _forced else _default
+
+
+def resolve(op, device, dtype):
+    """The backend that runs `op` for an input on `device` with `dtype`."""
+    name = _forced[-1] if _forced else _default
+    if dtype not in _KERNEL_DTYPES:
+        return "reference"
+    if name == "auto":
+        if device.type == "cuda":
+            preferred = AUTO_CUDA.get(op, "triton")
+            for candidate in (preferred, "cuda", "triton"):
+                if _usable(candidate):
+                    return candidate
+            return "reference"
+        if device.type == "cpu" and _usable("cpu"):
+            return "cpu"
+        return "reference"
+    _check_name(name, "LLMFAST_BACKEND")
+    if name == "reference":
+        return name
+    if not _usable(name):
+        raise BackendUnavailableError(f"llmfast {op}: backend {name!r} is unavailable: {_why_unavailable(name)}")
+    serves = {
+        "cuda": device.type == "cuda",
+        "triton": device.type == "cuda" or (device.type == "cpu" and _TRITON_INTERPRET),
+        "cpu": device.type == "cpu",
+    }[name]
+    if not serves:
+        raise BackendUnavailableError(
+            f"llmfast {op}: backend {name!r} cannot run on a {device.type} tensor "
+            f"(cuda and triton need CUDA tensors, cpu needs CPU tensors; 'reference' runs anywhere)"
+        )
+    return name

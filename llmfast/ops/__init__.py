@@ -1,0 +1,3 @@
+"""torch.library registration of llmfast's ops: fake (meta) kernels, autograd, and the Triton
+kernels wrapped as custom ops. Importing this package registers everything."""
+from . import norm  # noqa: F401

@@ -1,0 +1,7 @@
+"""Plain-PyTorch implementations that define what every llmfast kernel must compute.
+
+Tests, benchmarks and the `reference` backend all use these one definitions.
+"""
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

@@ -1,0 +1,52 @@
+"""Test configuration shared by every test module.
+
+Without a CUDA device the Triton kernels run in Triton's CPU interpreter; TRITON_INTERPRET
+must be set before triton (and llmfast) is imported, which is why it is set here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import llmfast  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backends_for(device):
+    """Backends that can run on `device` here (besides 'reference', which tests compare to)."""
+    names = []
+    for name in llmfast.available_backends():
+        if name == "cuda" and device == "cuda":
+            names.append(name)
+        elif name == "triton" and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+            names.append(name)
+        elif name == "cpu" and device == "cpu":
+            names.append(name)
+        elif name == "reference":
+            names.append(name)
+    return names
+
+
+def device_backend_params():
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)]
+
+
+@pytest.fixture
+def poison():
+    """Makes torch.empty (also inside C++/CUDA launchers and Triton wrappers) return memory
+    filled with NaN, so an output element a kernel forgot to write fails the comparison."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill

@@ -1,0 +1,286 @@
+"""LayerNorm, RMSNorm and the residual-add variants: every backend against the float64
+reference (values and all gradients), bad input, opcheck, torch.compile and the nn modules.
+
+Shape grid: 1 (degenerate row), 97 and 1025 (not multiples of any vector width or block),
+1000 (even but not a power of two), 4096 (the common aligned fast path), 65536 (the largest
+in-register row), 70000 (past it: the looped path), leading batch dims, and empty tensors.
+"""
+import math
+
+import pytest
+import torch
+
+import llmfast
+import llmfast.functional as LF
+from conftest import DEVICES, backends_for, device_backend_params
+from helpers import assert_close, assert_grad_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (name, rms, with_residual, with_weight, with_bias)
+VARIANTS = [
+    ("layer_norm", False, False, True, True),
+    ("layer_norm_no_affine", False, False, False, False),
+    ("rms_norm", True, False, True, False),
+    ("add_layer_norm", False, True, True, True),
+    ("add_rms_norm", True, True, True, False),
+]
+
+SHAPES = [(1, 1), (3, 97), (5, 1000), (2, 1025), (4, 4096), (1, 65536), (2, 3, 64), (0, 64)]
+
+
+def _inputs(shape, dtype, device, rms, with_residual, with_weight, with_bias, param_dtype=None):
+    param_dtype = param_dtype or dtype
+    n = shape[-1]
+    x = (torch.randn(shape, device=device, dtype=torch.float32) * 2 + 0.5).to(dtype)
+    r = torch.randn(shape, device=device, dtype=torch.float32).to(dtype) if with_residual else None
+    w = (torch.rand(n, device=device) + 0.5).to(param_dtype) if with_weight else None
+    b = torch.randn(n, device=device).to(param_dtype) if with_bias else None
+    return x, r, w, b
+
+
+def _run(fn, x, r, w, b, rms, eps):
+    n = x.shape[-1]
+    if r is None:
+        if rms:
+            return fn.rms_norm(x, (n,), w, eps, bias=b) if b is not None else fn.rms_norm(x, (n,), w, eps), None
+        return fn.layer_norm(x, (n,), w, b, eps), None
+    if rms:
+        return fn.add_rms_norm(x, r, (n,), w, eps, bias=b) if b is not None else fn.add_rms_norm(x, r, (n,), w, eps)
+    return fn.add_layer_norm(x, r, (n,), w, b, eps)
+
+
+def _check_against_reference(backend, device, shape, dtype, variant, param_dtype=None, eps=1e-5):
+    _, rms, with_residual, with_weight, with_bias = variant
+    x, r, w, b = _inputs(shape, dtype, device, rms, with_residual, with_weight, with_bias, param_dtype)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    originals = [t.clone() for t in leaves]
+
+    # Reference in float64 on detached copies.
+    refs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    for t in leaves:
+        t.requires_grad_()
+    y_ref, s_ref = _run(llmfast.reference, *refs, rms, eps)
+
+    with llmfast.use_backend(backend):
+        y, s = _run(LF, x, r, w, b, rms, eps)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype, f"{backend} output")
+    if with_residual:
+        assert s.dtype == dtype
+        assert_close(s, s_ref, dtype, f"{backend} input + residual")
+
+    # Random upstream gradients into both outputs.
+    gy = torch.randn(shape, device=device).to(dtype)
+    gs = torch.randn(shape, device=device).to(dtype) if with_residual else None
+    ref_terms = (y_ref * gy.double()).sum() + ((s_ref * gs.double()).sum() if with_residual else 0)
+    ref_terms.backward()
+    outs, grads = [y], [gy]
+    if with_residual:
+        outs.append(s)
+        grads.append(gs)
+    torch.autograd.backward(outs, grads)
+
+    if x.numel() == 0:
+        return
+    m = max(1, x.numel() // shape[-1])
+    names = ("input", "residual", "weight", "bias")
+    for name, t, ref in zip(names, (x, r, w, b), refs):
+        if t is None:
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype, f"{name}.grad dtype"
+        # dW and dB sum over the M rows: allow the error to grow like sqrt(M).
+        scale = math.sqrt(m) if name in ("weight", "bias") and t.dtype != torch.float32 else 1.0
+        # The tolerance follows the input's dtype even for float32 parameters: their gradients
+        # are computed from the low-precision input (and input + residual rounded to it).
+        assert_grad_close(t.grad, ref.grad, dtype, f"{backend} grad {name}", scale=scale)
+    for t, orig in zip(leaves, originals):
+        assert torch.equal(t.detach(), orig), "an input was modified"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_matches_reference(device, backend, dtype, shape, variant, poison):
+    torch.manual_seed(hash((shape, variant[0])) % 2**31)
+    _check_against_reference(backend, device, shape, dtype, variant)
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[3]], ids=["layer_norm", "rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_float32_params_with_half_input(device, backend, variant, poison):
+    """Mixed precision: float32 weight and bias with a bfloat16 / float16 input."""
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_against_reference(backend, device, (6, 1000), dtype, variant, param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("n", [70000, 131072 + 3])
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_hidden_size_beyond_register_path(device, backend, n, poison):
+    _check_against_reference(backend, device, (2, n), torch.float32, VARIANTS[3])
+    _check_against_reference(backend, device, (2, n), torch.bfloat16, VARIANTS[2])
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_non_contiguous_and_multi_dim_normalized_shape(device, backend, poison):
+    torch.manual_seed(0)
+    base = torch.randn(8, 64, 6, device=device)
+    x = base.transpose(1, 2)  # (8, 6, 64), non-contiguous
+    w = torch.randn(6, 64, device=device)
+    b = torch.randn(6, 64, device=device)
+    with llmfast.use_backend(backend):
+        y = LF.layer_norm(x, (6, 64), w, b)
+        y2 = LF.layer_norm(x, (64,))
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (6, 64), w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y2, torch.nn.functional.layer_norm(x, (64,)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_matches_torch_functions(device, backend):
+    """Same defaults and semantics as torch.nn.functional (eps=1e-5; rms eps=None)."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 7, 33, device=device)
+    w, b = torch.randn(33, device=device), torch.randn(33, device=device)
+    with llmfast.use_backend(backend):
+        ln, rms, rms_default = LF.layer_norm(x, [33], w, b), LF.rms_norm(x, [33], w, 1e-6), LF.rms_norm(x, 33)
+    F = torch.nn.functional
+    torch.testing.assert_close(ln, F.layer_norm(x, [33], w, b))
+    torch.testing.assert_close(rms, F.rms_norm(x, [33], w, 1e-6))
+    torch.testing.assert_close(rms_default, F.rms_norm(x, [33]))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_partial_requires_grad(device, backend):
+    """Only some inputs need gradients: the others get none and nothing breaks."""
+    x = torch.randn(5, 40, device=device, requires_grad=True)
+    w = torch.randn(40, device=device)  # frozen
+    b = torch.randn(40, device=device, requires_grad=True)
+    with llmfast.use_backend(backend):
+        LF.layer_norm(x, (40,), w, b).square().sum().backward()
+    xr, br = x.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    torch.nn.functional.layer_norm(xr, (40,), w, br).square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.grad, br.grad, atol=1e-4, rtol=1e-4)
+    assert w.grad is None
+
+
+# --- bad input --------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_bad_input_names_the_argument(device, backend):
+    x = torch.randn(4, 16, device=device)
+    cases = [
+        (lambda: LF.layer_norm(x, (16,), torch.randn(15, device=device)), "weight"),
+        (lambda: LF.layer_norm(x, (16,), None, torch.randn(2, 8, device=device)), "bias"),
+        (lambda: LF.layer_norm(x, (16,), torch.ones(16, dtype=torch.int64, device=device)), "weight"),
+        (lambda: LF.layer_norm(x, (8,)), "normalized_shape"),
+        (lambda: LF.layer_norm(x, (4, 8)), "normalized_shape"),
+        (lambda: LF.layer_norm(torch.ones(4, 16, dtype=torch.int32, device=device), (16,)), "input"),
+        (lambda: LF.layer_norm(x.half(), (16,), torch.randn(16, device=device, dtype=torch.bfloat16)), "weight"),
+        (lambda: LF.add_layer_norm(x, torch.randn(4, 15, device=device), (16,)), "residual"),
+        (lambda: LF.add_rms_norm(x, x.half(), (16,)), "residual"),
+        (lambda: LF.rms_norm(x, (16,), eps=-1.0), "eps"),
+    ]
+    if torch.cuda.is_available():
+        other = "cpu" if device == "cuda" else "cuda"
+        cases.append((lambda: LF.layer_norm(x, (16,), torch.randn(16, device=other)), "weight"))
+    with llmfast.use_backend(backend):
+        for call, name in cases:
+            with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
+                call()
+
+
+def test_backend_selection_errors():
+    with pytest.raises(ValueError, match="unknown backend"):
+        with llmfast.use_backend("fastest"):
+            pass
+    assert "reference" in llmfast.available_backends()
+    if "cuda" in llmfast.available_backends():
+        with llmfast.use_backend("cuda"), pytest.raises(llmfast.BackendUnavailableError, match="cpu tensor"):
+            LF.layer_norm(torch.randn(2, 8), (8,))
+    elif "cpu" in llmfast.available_backends() and torch.cuda.is_available():
+        with llmfast.use_backend("cpu"), pytest.raises(llmfast.BackendUnavailableError):
+            LF.layer_norm(torch.randn(2, 8, device="cuda"), (8,))
+    if not torch.cuda.is_available():
+        with pytest.raises(llmfast.BackendUnavailableError):
+            with llmfast.use_backend("cuda"):
+                pass
+
+
+def test_float64_uses_reference_path():
+    x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    y = LF.layer_norm(x, (10,))
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (10,)))
+    assert torch.autograd.gradcheck(lambda t: LF.rms_norm(t, (10,)), (x,))
+
+
+# --- torch.library: opcheck and torch.compile ---------------------------------------------------
+def _op_names(backend):
+    return {"cuda": ("norm_fwd", "norm_bwd"), "cpu": ("norm_fwd", "norm_bwd"),
+            "triton": ("triton_norm_fwd", "triton_norm_bwd")}.get(backend)
+
+
+@pytest.mark.parametrize("rms,with_residual", [(False, False), (True, True)], ids=["layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] != "reference"])
+def test_opcheck(device, backend, rms, with_residual):
+    fwd_name, bwd_name = _op_names(backend)
+    fwd, bwd = getattr(torch.ops.llmfast, fwd_name), getattr(torch.ops.llmfast, bwd_name)
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    r = torch.randn(6, 40, device=device) if with_residual else None
+    w = torch.randn(40, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    torch.library.opcheck(fwd, (x, r, w, b, 1e-5, rms))
+    out, s, mean, rstd = fwd(x.detach(), r, w.detach(), b.detach(), 1e-5, rms)
+    normed = s if with_residual else x.detach()
+    gy = torch.randn_like(out)
+    torch.library.opcheck(bwd, (gy, torch.randn_like(out) if with_residual else None, normed, w.detach(), mean, rstd,
+                                rms, True, True))
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params()])
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+
+    def block(x, r, w, b):
+        y, s = LF.add_layer_norm(x, r, (48,), w, b)
+        return LF.rms_norm(y, (48,), w) + LF.layer_norm(s, (48,), w, b)
+
+    x = torch.randn(2, 5, 48, device=device, requires_grad=True)
+    r = torch.randn(2, 5, 48, device=device, requires_grad=True)
+    w = torch.randn(48, device=device, requires_grad=True)
+    b = torch.randn(48, device=device, requires_grad=True)
+    with llmfast.use_backend(backend):
+        eager = block(x, r, w, b)
+        g_eager = torch.autograd.grad(eager.square().sum(), (x, r, w, b))
+        compiled = torch.compile(block, fullgraph=True)(x, r, w, b)
+        g_comp = torch.autograd.grad(compiled.square().sum(), (x, r, w, b))
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    for a, e in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-4)
+
+
+# --- nn modules -------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_nn_modules_are_drop_in(device):
+    torch.manual_seed(2)
+    pairs = [
+        (llmfast.nn.LayerNorm(64), torch.nn.LayerNorm(64)),
+        (llmfast.nn.LayerNorm((4, 16), eps=1e-6, elementwise_affine=False),
+         torch.nn.LayerNorm((4, 16), eps=1e-6, elementwise_affine=False)),
+        (llmfast.nn.LayerNorm(64, bias=False), torch.nn.LayerNorm(64, bias=False)),
+        (llmfast.nn.RMSNorm(64), torch.nn.RMSNorm(64)),
+        (llmfast.nn.RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)),
+    ]
+    for ours, theirs in pairs:
+        assert isinstance(ours, type(theirs))
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+        assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+        ours.to(device), theirs.to(device)
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.uniform_(0.5, 1.5)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(3, 5, *theirs.normalized_shape, device=device)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
