@@ -30,6 +30,7 @@ triton was imported (Triton's interpreter, used by the CPU-only tests).
 """
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,6 +46,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # x (backward: also dy, w and the dW/dB accumulators) across at most 1024 threads with 64K
 # registers per SM, so past this width the kernels spill; the looped kernels take over.
 _MAX_FUSED_N = 65536
+_MAX_FUSED_BWD_N = 16384
 # Column chunk of the looped kernels (elements per loop step of one row).
 _LOOP_CHUNK = 4096
 
@@ -61,8 +63,25 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _fwd_config(block_n: int):
-    """(rows per program, num_warps) of the in-register forward.
+class _FwdConfig(NamedTuple):
+    looped: bool  # False: whole rows in registers (_norm_fwd_kernel); True: _norm_fwd_looped_kernel
+    block: int  # BLOCK_N (in registers) or the column chunk (looped)
+    rows: int  # rows per program (in registers)
+    num_warps: int
+
+
+class _BwdConfig(NamedTuple):
+    looped: bool  # False: _norm_bwd_kernel; True: _norm_bwd_row_sums_kernel + _norm_bwd_cols_kernel
+    block: int  # BLOCK_N (in registers) or the column block BLOCK_C of the column kernel
+    rows: int  # rows per loop step
+    num_warps: int
+    programs_per_sm: int  # persistent grid = #SMs * programs_per_sm programs
+    sums_chunk: int = 0  # looped: column chunk and warps of the row-sums kernel
+    sums_warps: int = 0
+
+
+def _fwd_config(n: int) -> _FwdConfig:
+    """Forward launch configuration for rows of n elements.
 
     Why: each thread should hold 8-32 fp32 values of x (at least one 16-byte load of bf16,
     few enough to stay clear of spills), and each program should move at least ~8 KB so that
@@ -70,40 +89,40 @@ def _fwd_config(block_n: int):
     num_warps grows with the row: 4 warps (128 threads) up to 2048, 32 warps (1024 threads,
     the most a program can have) at 32768 and above.
     """
+    block_n = triton.next_power_of_2(n)
+    if block_n > _MAX_FUSED_N:
+        return _FwdConfig(True, _LOOP_CHUNK, 1, 8)
     if block_n <= 1024:
-        rows = max(1, min(64, 4096 // block_n))
-        return rows, 4
+        return _FwdConfig(False, block_n, max(1, min(64, 4096 // block_n)), 4)
     if block_n <= 2048:
-        return 2, 4
-    if block_n <= 4096:
-        return 1, 8
+        return _FwdConfig(False, block_n, 2, 4)
     if block_n <= 8192:
-        return 1, 8
+        return _FwdConfig(False, block_n, 1, 8)
     if block_n <= 16384:
-        return 1, 16
-    return 1, 32
+        return _FwdConfig(False, block_n, 1, 16)
+    return _FwdConfig(False, block_n, 1, 32)
 
 
-def _bwd_config(block_n: int):
-    """(rows per loop step, num_warps, programs per SM) of the in-register backward.
+def _bwd_config(n: int) -> _BwdConfig:
+    """Backward launch configuration for rows of n elements.
 
     Why: the backward holds x, dy and the two fp32 accumulators per element, about twice the
     forward's registers, so it uses more warps for the same row; programs per SM sets the
     persistent grid to fill the SMs (occupancy) while keeping the (programs, N) fp32 dW/dB
     workspace small next to the tensors themselves.
     """
+    block_n = triton.next_power_of_2(n)
+    if block_n > _MAX_FUSED_BWD_N:
+        return _BwdConfig(True, 1024, 1, 4, 4, _LOOP_CHUNK, 8)
     if block_n <= 1024:
-        rows = max(1, min(16, 2048 // block_n))
-        return rows, 4, 8
+        return _BwdConfig(False, block_n, max(1, min(16, 2048 // block_n)), 4, 8)
     if block_n <= 2048:
-        return 1, 4, 8
+        return _BwdConfig(False, block_n, 1, 4, 8)
     if block_n <= 4096:
-        return 1, 8, 4
+        return _BwdConfig(False, block_n, 1, 8, 4)
     if block_n <= 8192:
-        return 1, 16, 2
-    if block_n <= 16384:
-        return 1, 32, 1
-    return 1, 32, 1
+        return _BwdConfig(False, block_n, 1, 16, 2)
+    return _BwdConfig(False, block_n, 1, 32, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,16 +576,15 @@ def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
         residual_out.stride(0) if residual is not None else 0,
     )
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms))
-    block_n = triton.next_power_of_2(N)
+    cfg = _fwd_config(N)
     with _on_device(input):
-        if block_n <= _MAX_FUSED_N:
-            rows, num_warps = _fwd_config(block_n)
-            grid = (triton.cdiv(M, rows),)
+        if not cfg.looped:
+            grid = (triton.cdiv(M, cfg.rows),)
             _norm_fwd_kernel[grid](*args, M, N, *strides, float(eps), **flags,
-                                   BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+                                   BLOCK_N=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
         else:
             _norm_fwd_looped_kernel[(M,)](*args, N, *strides, float(eps), **flags,
-                                          CHUNK=_LOOP_CHUNK, num_warps=8)
+                                          CHUNK=cfg.block, num_warps=cfg.num_warps)
     return out, residual_out, mean, rstd
 
 
@@ -609,30 +627,27 @@ def norm_bwd(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms:
     w = weight if weight is not None else dummy
     mean_arg = mean if not rms else rstd
     strides = (grad_out.stride(0), dres.stride(0), x.stride(0), grad_input.stride(0))
-    block_n = triton.next_power_of_2(N)
+    cfg = _bwd_config(N)
     sms = _num_sms(dev)
-
     with _on_device(x):
-        if block_n <= _MAX_FUSED_N:
-            rows, num_warps, per_sm = _bwd_config(block_n)
-            n_programs = max(1, min(triton.cdiv(M, rows), sms * per_sm))
+        if not cfg.looped:
+            n_programs = max(1, min(triton.cdiv(M, cfg.rows), sms * cfg.programs_per_sm))
             dw_part, db_part = _workspaces(n_programs, N, weight_grad, bias_grad, dev)
             _norm_bwd_kernel[(n_programs,)](
                 grad_out, dres, x, w, mean_arg, rstd, grad_input, dw_part, db_part,
-                M, N, *strides, **flags, BLOCK_N=block_n, ROWS=rows, num_warps=num_warps)
+                M, N, *strides, **flags, BLOCK_N=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
         else:
             c1 = torch.empty((M,), dtype=torch.float32, device=dev)
             c2 = torch.empty((M,), dtype=torch.float32, device=dev)
             _norm_bwd_row_sums_kernel[(M,)](
                 grad_out, x, w, mean_arg, rstd, c1, c2, N, grad_out.stride(0), x.stride(0),
-                HAS_W=weight is not None, RMS=bool(rms), CHUNK=_LOOP_CHUNK, num_warps=8)
-            block_c, rows, num_warps, per_sm = 1024, 1, 4, 4
-            col_blocks = triton.cdiv(N, block_c)
-            n_groups = max(1, min(M, triton.cdiv(sms * per_sm, col_blocks)))
+                HAS_W=weight is not None, RMS=bool(rms), CHUNK=cfg.sums_chunk, num_warps=cfg.sums_warps)
+            col_blocks = triton.cdiv(N, cfg.block)
+            n_groups = max(1, min(triton.cdiv(M, cfg.rows), triton.cdiv(sms * cfg.programs_per_sm, col_blocks)))
             dw_part, db_part = _workspaces(n_groups, N, weight_grad, bias_grad, dev)
             _norm_bwd_cols_kernel[(col_blocks, n_groups)](
                 grad_out, dres, x, w, mean_arg, rstd, c1, c2, grad_input, dw_part, db_part,
-                M, N, *strides, **flags, BLOCK_C=block_c, ROWS=rows, num_warps=num_warps)
+                M, N, *strides, **flags, BLOCK_C=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
 
     if weight_grad:
         grad_weight = dw_part.sum(0).to(param_dtype)

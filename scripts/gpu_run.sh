@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything one session does on a lent GPU machine, in one call: build the extension, run the
+# whole test suite on the GPU, run the benchmark report, and (optionally) the CMake build.
+# Logs and results go under $OUT (the device tool brings them back); benchmark results are
+# also packed into $OUT/results.tgz to be committed under benchmarks/results/.
+#   usage: bash scripts/gpu_run.sh [--no-tests] [--no-bench] [--cmake] [-k PYTEST_EXPR] [bench ops...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/llmfast_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+run_tests=1; run_bench=1; run_cmake=0; kexpr=""; ops=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-tests) run_tests=0 ;; --no-bench) run_bench=0 ;; --cmake) run_cmake=1 ;;
+    -k) kexpr="$2"; shift ;;
+    *) ops+=("$1") ;;
+  esac
+  shift
+done
+
+# Wheels carried in .whl/ (e.g. Liger-Kernel, a benchmark peer).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export LLMFAST_CUDA_ARCHS=${LLMFAST_CUDA_ARCHS:-90a}
+export MAX_JOBS=${MAX_JOBS:-16}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+start=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+grep -E "warning|spill" "$OUT/build.log" | head -20
+echo "build: $(( $(date +%s) - start )) s"
+
+if [ "$run_cmake" = 1 ]; then
+  # Full CMake build with the CUDA kernels, in the background while the tests run.
+  ( cmake -S . -B /tmp/cmake-build -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
+      -DLLMFAST_CUDA_ARCHS=90a > "$OUT/cmake.log" 2>&1 \
+    && cmake --build /tmp/cmake-build -j 8 >> "$OUT/cmake.log" 2>&1 \
+    && echo "CMAKE BUILD OK" >> "$OUT/cmake.log" || echo "CMAKE BUILD FAILED" >> "$OUT/cmake.log" ) &
+  cmake_pid=$!
+fi
+
+if [ "$run_tests" = 1 ]; then
+  start=$(date +%s)
+  if [ -n "$kexpr" ]; then
+    python3 -m pytest tests -q -x -rf -p no:cacheprovider -k "$kexpr" > "$OUT/tests.log" 2>&1
+  else
+    python3 -m pytest tests -q -rf -p no:cacheprovider > "$OUT/tests.log" 2>&1
+  fi
+  echo "tests: exit $? in $(( $(date +%s) - start )) s"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+  tail -3 "$OUT/tests.log"
+fi
+
+if [ "$run_bench" = 1 ]; then
+  start=$(date +%s)
+  python3 -m llmfast.bench "${ops[@]}" --out benchmarks/results > "$OUT/bench.log" 2>&1
+  echo "bench: exit $? in $(( $(date +%s) - start )) s"
+  tar czf "$OUT/results.tgz" benchmarks/results
+  tail -80 "$OUT/bench.log"
+fi
+
+if [ "$run_cmake" = 1 ]; then
+  wait "$cmake_pid"
+  tail -3 "$OUT/cmake.log"
+fi
