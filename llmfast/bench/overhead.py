@@ -1,0 +1,73 @@
+"""Dispatch overhead of llmfast's Python + custom-op layer, on shapes too small for the kernel
+to matter (8 x 768 and 1 x 64 LayerNorm, as in a decode step or a tiny model).
+
+Measures host wall time per call, synchronizing once after a loop of calls: with launches
+asynchronous and kernels tiny, this is the CPU cost of argument checks, backend resolution,
+torch.library dispatch and autograd bookkeeping -- the number to compare with torch eager.
+The figure is the minimum over several loops (as timeit does): interference from other
+processes only ever adds time.
+"""
+import sys
+import time
+
+import torch
+
+from . import timing
+from .spec import llmfast_backends, mode_fn, op_specs
+
+SHAPES = ((8, 768), (1, 64))
+MODES = ("fwd", "fwd+bwd")
+
+
+def _host_us(fn, device, iters, reps):
+    for _ in range(max(10, iters // 10)):
+        fn()
+    timing.synchronize(device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        timing.synchronize(device)
+        samples.append((time.perf_counter() - t0) / iters * 1e6)
+    return min(samples)
+
+
+def measure_overhead(device, dtype, *, quick=False, shapes=SHAPES, log=None):
+    """Records (op 'overhead') of microseconds per LayerNorm call for torch eager and each
+    llmfast backend, forward and forward+backward, with the difference to torch eager."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    spec = op_specs()["layer_norm"]
+    iters, reps = (100, 5) if quick else (200, 9)
+    providers = [("torch", spec.eager)]
+    for backend in llmfast_backends(device):
+        def forward(args, backend=backend):
+            import llmfast
+
+            with llmfast.use_backend(backend):
+                return spec.llmfast_fn(args)
+        providers.append((f"llmfast-{backend}", forward))
+    records = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        case = spec.make_case(tuple(shape), dtype, device)
+        group = []
+        for name, forward in providers:
+            for mode in MODES:
+                rec = {"op": "overhead", "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                       "provider": name, "mode": mode, "measured": "layer_norm, host us per call"}
+                try:
+                    us = _host_us(mode_fn(forward, case, mode), device, iters, reps)
+                    rec.update(status="ok", us=us, ms=us / 1e3)
+                    log(f"  overhead {'x'.join(map(str, shape))} {name:18s} {mode:8s} {us:8.1f} us")
+                except Exception as exc:
+                    rec.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+                    log(f"  overhead {name} {mode}: error: {rec['error']}")
+                group.append(rec)
+        base = {r["mode"]: r["us"] for r in group if r["provider"] == "torch" and r["status"] == "ok"}
+        for r in group:
+            if r["status"] == "ok" and r["mode"] in base:
+                r["extra_us_vs_torch"] = r["us"] - base[r["mode"]]
+                r["ratio_vs_torch"] = r["us"] / base[r["mode"]]
+        records += group
+    return records
