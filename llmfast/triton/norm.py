@@ -11,23 +11,29 @@ Backward, with xhat = (s - mean) * rstd (RMSNorm: s * rstd) and g = dy * w:
   dx += grad_residual_out;  dw = sum_rows(dy * xhat);  db = sum_rows(dy)
 All statistics and sums are fp32.
 
-Algorithm and memory traffic (the ops are memory bound; the figures count tensor-sized passes,
-one pass = M*N*elt bytes):
-- N up to _MAX_FUSED_N: a program holds whole rows in registers, so the forward reads x once
-  and writes y once (2 passes; +1 read and +1 write with a residual) and the backward reads s
-  and dy once and writes dx once (3 passes). The backward runs a persistent grid of about
-  (#SMs * k) programs; each keeps its dW/dB partial sums in fp32 registers across all of its
-  rows and writes them once to an fp32 (programs, N) workspace, summed by torch afterwards.
-- Larger N (a row no longer fits in registers): the forward walks each row in chunks twice,
-  once for the statistics and once to normalize; the second read of the row mostly hits L2
-  (one row per SM in flight). The backward splits into a per-row kernel that computes the two
-  row sums mean(g) and mean(g*xhat) (reads s, dy) and a column-tiled kernel that computes dx
-  and the dW/dB partials (reads s, dy, writes dx): 5 passes instead of 3.
+Algorithm and memory traffic (the ops are memory bound; one "pass" = M*N*elt bytes):
+- Forward, N <= _MAX_FUSED_N (32768): a program holds whole rows in registers (several short
+  rows per program), so it reads x once and writes y once: 2 passes (4 with a residual:
+  reads x and r, writes s and y).
+- Forward, wider rows: a persistent grid walks each row in chunks twice, once for the
+  statistics and once to normalize; with ~2 rows per SM in flight the second read is an L2
+  hit, so HBM still sees about 2 passes.
+- Backward, rows that fit in registers together with the dW/dB accumulators (N <= 8192 with
+  both, 16384 with one): a persistent grid of (#SMs * k) programs, each prefetching its next
+  row tile while it reduces the current one and keeping dW/dB partial sums in fp32 registers
+  across all of its rows: reads s and dy once, writes dx once (3 passes; +1 read of
+  grad_residual_out). Each program writes one fp32 row of a (programs, N) workspace, which
+  _sum_partials_kernel folds in a fixed order (deterministic) and casts to the weight dtype.
+- Backward, wider rows: the row sums mean(g) and mean(g*xhat) come first from a per-row kernel
+  (reads s, dy), then a column-tiled kernel computes dx and holds the dW/dB partials of its
+  column block in registers (reads s, dy, writes dx): 5 passes instead of 3. A kernel that
+  keeps the row in registers would spill, which measured slower.
 Row offsets are 64-bit, so M*N may exceed 2^31.
 
 Launches work on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before
 triton was imported (Triton's interpreter, used by the CPU-only tests).
 """
+import contextlib
 import functools
 import os
 from typing import NamedTuple
@@ -41,19 +47,30 @@ from llmfast._errors import LlmfastTypeError, LlmfastValueError
 __all__ = ["norm_fwd", "norm_bwd"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton reads TRITON_INTERPRET when it is imported, so reading it once here is equivalent.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Widest row (as next_power_of_2(N)) held in registers. A program holds BLOCK_N fp32 values of
-# x (backward: also dy, w and the dW/dB accumulators) across at most 1024 threads with 64K
-# registers per SM, so past this width the kernels spill; the looped kernels take over.
-_MAX_FUSED_N = 65536
+# Widest row (as next_power_of_2(N)) held in registers: the forward holds x; the backward s,
+# dy and one or two fp32 accumulators (the two-accumulator limit is half of _MAX_FUSED_BWD_N).
+# A program has at most 1024 threads and an SM 64K 32-bit registers, so past these widths
+# ptxas spills and the looped kernels are faster (see _fwd_config / _bwd_config).
+_MAX_FUSED_N = 32768
 _MAX_FUSED_BWD_N = 16384
-# Column chunk of the looped kernels (elements per loop step of one row).
-_LOOP_CHUNK = 4096
 
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    # Plain Python: triton.cdiv / next_power_of_2 are constexpr functions with call overhead,
+    # and the launchers below run on every forward and backward.
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -63,11 +80,23 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+def _sum_config(n_parts: int, n: int, on_gpu: bool = True):
+    """(BLOCK_G, BLOCK_C) of the partial-sum reduction: narrow column blocks so that even
+    N = 1024 spreads over a few dozen programs, 4K fp32 values per loop step. (Triton's CPU
+    interpreter pays per program, so there one program takes all columns.)"""
+    if not on_gpu:
+        return _pow2(max(n_parts, 1)), _pow2(n)
+    block_c = 32 if n <= 4096 else 128
+    block_g = min(_pow2(max(n_parts, 1)), 4096 // block_c)
+    return block_g, block_c
+
+
 class _FwdConfig(NamedTuple):
     looped: bool  # False: whole rows in registers (_norm_fwd_kernel); True: _norm_fwd_looped_kernel
     block: int  # BLOCK_N (in registers) or the column chunk (looped)
     rows: int  # rows per program (in registers)
     num_warps: int
+    programs_per_sm: int = 1  # looped: persistent grid = #SMs * programs_per_sm
 
 
 class _BwdConfig(NamedTuple):
@@ -78,55 +107,71 @@ class _BwdConfig(NamedTuple):
     programs_per_sm: int  # persistent grid = #SMs * programs_per_sm programs
     sums_chunk: int = 0  # looped: column chunk and warps of the row-sums kernel
     sums_warps: int = 0
+    prefetch: bool = True  # in registers: load the next tile while reducing the current one
+    reload_w: bool = False  # in registers: re-read w every tile instead of holding it
 
 
 def _fwd_config(n: int) -> _FwdConfig:
-    """Forward launch configuration for rows of n elements.
+    """Forward launch configuration for rows of n elements (measured on H100, bf16).
 
-    Why: each thread should hold 8-32 fp32 values of x (at least one 16-byte load of bf16,
-    few enough to stay clear of spills), and each program should move at least ~8 KB so that
-    enough bytes are in flight per SM; short rows are therefore packed several per program.
-    num_warps grows with the row: 4 warps (128 threads) up to 2048, 32 warps (1024 threads,
-    the most a program can have) at 32768 and above.
+    Why: in registers, each thread should hold 8-32 values of the row (at least one 16-byte
+    bf16 load, few enough that nothing spills), and each program should move several KB so
+    that enough bytes are in flight per SM; rows up to 1024 are packed 4+ per program. The
+    measured optimum per width was flat within ~2% across these choices (e.g. 16384x1024:
+    2310-2340 GB/s for 1-8 rows per program). At 32768 the in-register kernel with 32 warps
+    still does not spill (2900 GB/s at 8192x32768 vs 2440 looped); at 65536 it spills and the
+    looped kernel with 32K-element chunks (16 warps, 2 programs per SM, so the rows in flight
+    stay L2-resident for the second pass) wins: 2330 vs 1640 GB/s at 2048x65536.
     """
-    block_n = triton.next_power_of_2(n)
+    block_n = _pow2(n)
     if block_n > _MAX_FUSED_N:
-        return _FwdConfig(True, _LOOP_CHUNK, 1, 8)
+        return _FwdConfig(True, 32768, 1, 16, 2)
     if block_n <= 1024:
         return _FwdConfig(False, block_n, max(1, min(64, 4096 // block_n)), 4)
     if block_n <= 2048:
-        return _FwdConfig(False, block_n, 2, 4)
-    if block_n <= 8192:
+        return _FwdConfig(False, block_n, 2, 8)
+    if block_n <= 4096:
         return _FwdConfig(False, block_n, 1, 8)
     if block_n <= 16384:
         return _FwdConfig(False, block_n, 1, 16)
     return _FwdConfig(False, block_n, 1, 32)
 
 
-def _bwd_config(n: int) -> _BwdConfig:
-    """Backward launch configuration for rows of n elements.
+def _bwd_config(n: int, n_acc: int, on_gpu: bool = True) -> _BwdConfig:
+    """Backward launch configuration for rows of n elements and n_acc (0-2) dW/dB accumulators
+    (measured on H100, bf16).
 
-    Why: the backward holds x, dy and the two fp32 accumulators per element, about twice the
-    forward's registers, so it uses more warps for the same row; programs per SM sets the
-    persistent grid to fill the SMs (occupancy) while keeping the (programs, N) fp32 dW/dB
-    workspace small next to the tensors themselves.
+    Why: the in-register kernel holds s, dy and the n_acc fp32 accumulators per element, so it
+    runs out of registers at half the forward's width when both dW and dB are wanted: up to
+    8192 with both, 16384 with one. Past that the two-kernel path (5 passes) beats a spilling
+    kernel: at 4096x16384 LayerNorm 1640 GB/s vs 1410 in registers, while RMSNorm (dW only)
+    stays in registers at 2270 GB/s. PREFETCH (two tiles in flight per program) gains 5-15%
+    wherever it does not spill (at 16384 it spills badly, so it is off there); RELOAD_W frees
+    the registers of w at 8192+ (2640 vs 1750 GB/s at 8192x8192 with prefetch). Programs per
+    SM is the best measured occupancy; fewer, fatter programs also keep the (programs, N)
+    fp32 partial-sum workspace small next to the tensors.
     """
-    block_n = triton.next_power_of_2(n)
-    if block_n > _MAX_FUSED_BWD_N:
-        return _BwdConfig(True, 1024, 1, 4, 4, _LOOP_CHUNK, 8)
+    block_n = _pow2(n)
+    if block_n > _MAX_FUSED_BWD_N or (n_acc == 2 and block_n > _MAX_FUSED_BWD_N // 2):
+        if not on_gpu:
+            # Triton's interpreter pays per program and per step: wide blocks keep CPU tests quick.
+            return _BwdConfig(True, 8192, 1, 4, 1, sums_chunk=16384, sums_warps=8)
+        return _BwdConfig(True, 1024, 1, 4, 8, sums_chunk=4096, sums_warps=8)
     if block_n <= 1024:
-        return _BwdConfig(False, block_n, max(1, min(16, 2048 // block_n)), 4, 8)
+        return _BwdConfig(False, block_n, max(1, min(16, 2048 // block_n)), 4, 4)
     if block_n <= 2048:
-        return _BwdConfig(False, block_n, 1, 4, 8)
+        return _BwdConfig(False, block_n, 2, 8, 2)
     if block_n <= 4096:
-        return _BwdConfig(False, block_n, 1, 8, 4)
+        return _BwdConfig(False, block_n, 1, 8, 2)
     if block_n <= 8192:
-        return _BwdConfig(False, block_n, 1, 16, 2)
-    return _BwdConfig(False, block_n, 1, 32, 1)
+        return _BwdConfig(False, block_n, 1, 16, 1, reload_w=True)
+    # 16384 with at most one accumulator (RMSNorm without bias, or no parameter gradients).
+    return _BwdConfig(False, block_n, 1, 16, 1, prefetch=False, reload_w=True)
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. Every (M, N) tensor is contiguous (the launchers check it): row r starts at r * N,
+# computed in int64. Absent tensors are replaced by a dummy pointer behind a constexpr flag.
 # --------------------------------------------------------------------------------------------
 # Forward, rows in registers. Traffic: reads x (and residual) once, writes y (and s) once;
 # w and b are read once per program (cached). Grid: cdiv(M, ROWS).
@@ -142,10 +187,6 @@ def _norm_fwd_kernel(
     RSTD,  # (M,) fp32
     M,
     N,
-    stride_x,
-    stride_res,
-    stride_y,
-    stride_s,
     eps,
     HAS_RES: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -161,11 +202,11 @@ def _norm_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)[:, None]
 
-    x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        r = tl.load(RES + rows64 * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(RES + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = (x + r).to(S.dtype.element_ty)
-        tl.store(S + rows64 * stride_s + cols[None, :], s, mask=mask)
+        tl.store(S + rows64 * N + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
 
     if RMS:
@@ -186,21 +227,19 @@ def _norm_fwd_kernel(
     if HAS_B:
         b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
         y = y + b[None, :]
-    tl.store(Y + rows64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-# Forward, looped over column chunks, one row per program (grid: M). Traffic: reads x (and
-# residual) once from HBM and writes s; a second pass re-reads x (or s) -- mostly from L2,
-# one row per SM is in flight -- and writes y. LayerNorm statistics merge per-chunk
-# (count, mean, M2) with Chan's formula, which is as stable as the two-pass variance.
+# Forward, looped over column chunks; a persistent grid of G programs walks rows pid,
+# pid + G, ... Traffic: reads x (and residual) once from HBM and writes s; a second pass
+# re-reads x (or s) and writes y. G is about two programs per SM so the rows in flight
+# (G * N * elt bytes) fit in L2 and the second read is an L2 hit. LayerNorm statistics merge
+# per-chunk (count, mean, M2) with Chan's formula, as stable as the two-pass variance.
 @triton.jit
 def _norm_fwd_looped_kernel(
     X, RES, W, B, Y, S, MEAN, RSTD,  # as _norm_fwd_kernel
+    M,
     N,
-    stride_x,
-    stride_res,
-    stride_y,
-    stride_s,
     eps,
     HAS_RES: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -208,66 +247,90 @@ def _norm_fwd_looped_kernel(
     RMS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    s_row = S + row * stride_s
     offs = tl.arange(0, CHUNK)
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    for i in range(0, tl.cdiv(M - pid, n_programs)):
+        row64 = (pid + i * n_programs).to(tl.int64)
+        x_row = X + row64 * N
+        s_row = S + row64 * N
 
-    sq_acc = tl.zeros([CHUNK], dtype=tl.float32)  # RMSNorm: running sum of s^2 per lane
-    count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), axis=0)  # LayerNorm: Chan merge state
-    mean = count
-    m2 = count
-    for start in range(0, N, CHUNK):
-        cols = start + offs
-        mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r = tl.load(RES + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
-            s = (x + r).to(S.dtype.element_ty)
-            tl.store(s_row + cols, s, mask=mask)
-            x = s.to(tl.float32)
-        if RMS:
-            sq_acc += x * x
-        else:
-            n_chunk = tl.minimum(N - start, CHUNK).to(tl.float32)
-            mean_chunk = tl.sum(x, axis=0) / n_chunk
-            d = tl.where(mask, x - mean_chunk, 0.0)
-            m2_chunk = tl.sum(d * d, axis=0)
-            n_new = count + n_chunk
-            delta = mean_chunk - mean
-            mean = mean + delta * (n_chunk / n_new)
-            m2 = m2 + m2_chunk + delta * delta * (count * n_chunk / n_new)
-            count = n_new
-
-    if RMS:
-        rstd = tl.rsqrt(tl.sum(sq_acc, axis=0) / N + eps)
-    else:
-        rstd = tl.rsqrt(m2 / N + eps)
-        tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-
-    for start in range(0, N, CHUNK):
-        cols = start + offs
-        mask = cols < N
-        if HAS_RES:
-            # Written above by this program: the same thread wrote these addresses.
-            x = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
-        else:
+        sq_acc = tl.zeros([CHUNK], dtype=tl.float32)  # RMSNorm: running sum of s^2 per lane
+        count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), axis=0)  # LayerNorm: Chan state
+        mean = count
+        m2 = count
+        for start in range(0, N, CHUNK):
+            cols = start + offs
+            mask = cols < N
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RES:
+                r = tl.load(RES + row64 * N + cols, mask=mask, other=0.0).to(tl.float32)
+                s = (x + r).to(S.dtype.element_ty)
+                tl.store(s_row + cols, s, mask=mask)
+                x = s.to(tl.float32)
+            if RMS:
+                sq_acc += x * x
+            else:
+                n_chunk = tl.minimum(N - start, CHUNK).to(tl.float32)
+                mean_chunk = tl.sum(x, axis=0) / n_chunk
+                d = tl.where(mask, x - mean_chunk, 0.0)
+                m2_chunk = tl.sum(d * d, axis=0)
+                n_new = count + n_chunk
+                delta = mean_chunk - mean
+                mean = mean + delta * (n_chunk / n_new)
+                m2 = m2 + m2_chunk + delta * delta * (count * n_chunk / n_new)
+                count = n_new
+
         if RMS:
-            y = x * rstd
+            rstd = tl.rsqrt(tl.sum(sq_acc, axis=0) / N + eps)
         else:
-            y = (x - mean) * rstd
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+            rstd = tl.rsqrt(m2 / N + eps)
+            tl.store(MEAN + row64, mean)
+        tl.store(RSTD + row64, rstd)
+
+        for start in range(0, N, CHUNK):
+            cols = start + offs
+            mask = cols < N
+            if HAS_RES:
+                # Written above by this program, by the same thread (same layout).
+                x = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if RMS:
+                y = x * rstd
+            else:
+                y = (x - mean) * rstd
+            if HAS_W:
+                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_B:
+                y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + row64 * N + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 # Backward, rows in registers, persistent grid (G programs, each looping over row tiles
 # pid, pid + G, ...). Traffic: reads s and dy (and grad_residual_out) once, writes dx once;
 # w once per program; writes a (G, N) fp32 partial-sum row for dW and for dB.
+# With PREFETCH the loads of the next tile are issued before the current tile is reduced, so
+# each program keeps two tiles in flight instead of idling on load latency every iteration.
+@triton.jit
+def _norm_bwd_tile_loads(DY, X, MEAN, RSTD, tile, M, N,
+                         RMS: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    mask = row_mask[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    # Masked lanes load dy = 0, so they add nothing to the sums.
+    x = tl.load(X + rows64 * N + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows64 * N + cols[None, :], mask=mask, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+    if RMS:
+        mean = rstd  # unused
+    else:
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+    return x, dy, mean, rstd
+
+
 @triton.jit
 def _norm_bwd_kernel(
     DY,  # (M, N) grad_out
@@ -281,10 +344,6 @@ def _norm_bwd_kernel(
     DB_PART,  # (G, N) fp32 partial sums of dy, or dummy
     M,
     N,
-    stride_dy,
-    stride_dres,
-    stride_x,
-    stride_dx,
     HAS_DRES: tl.constexpr,
     HAS_W: tl.constexpr,
     RMS: tl.constexpr,
@@ -292,32 +351,44 @@ def _norm_bwd_kernel(
     COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    RELOAD_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    if HAS_W:
+    if HAS_W and not RELOAD_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     dw_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
 
     n_tiles = tl.cdiv(M, ROWS)
+    if PREFETCH:
+        x_nxt, dy_nxt, mean_nxt, rstd_nxt = _norm_bwd_tile_loads(
+            DY, X, MEAN, RSTD, pid, M, N, RMS, BLOCK_N, ROWS)
     for tile in range(pid, n_tiles, n_programs):
+        if PREFETCH:
+            x, dy, mean, rstd = x_nxt, dy_nxt, mean_nxt, rstd_nxt
+            x_nxt, dy_nxt, mean_nxt, rstd_nxt = _norm_bwd_tile_loads(
+                DY, X, MEAN, RSTD, tile + n_programs, M, N, RMS, BLOCK_N, ROWS)
+        else:
+            x, dy, mean, rstd = _norm_bwd_tile_loads(
+                DY, X, MEAN, RSTD, tile, M, N, RMS, BLOCK_N, ROWS)
         rows = tile * ROWS + tl.arange(0, ROWS)
-        row_mask = rows < M
-        mask = row_mask[:, None] & col_mask[None, :]
+        mask = (rows < M)[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        # Masked lanes load dy = 0, so they add nothing to the sums below.
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+        x = x.to(tl.float32)
+        dy = dy.to(tl.float32)
+        rstd = rstd[:, None]
         if RMS:
             xhat = x * rstd
         else:
-            mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
-            xhat = (x - mean) * rstd
+            xhat = (x - mean[:, None]) * rstd
         if HAS_W:
+            if RELOAD_W:
+                # Re-read from L1/L2 each tile: frees BLOCK_N registers for the widest rows.
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             g = dy * w
         else:
             g = dy
@@ -328,8 +399,8 @@ def _norm_bwd_kernel(
             c2 = tl.sum(g, axis=1)[:, None] / N
             dx = (g - c2 - xhat * c1) * rstd
         if HAS_DRES:
-            dx += tl.load(DRES + rows64 * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DRES + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
@@ -351,8 +422,6 @@ def _norm_bwd_row_sums_kernel(
     C1,  # (M,) fp32 out: mean(g * xhat)
     C2,  # (M,) fp32 out: mean(g)
     N,
-    stride_dy,
-    stride_x,
     HAS_W: tl.constexpr,
     RMS: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -369,8 +438,8 @@ def _norm_bwd_row_sums_kernel(
     for start in range(0, N, CHUNK):
         cols = start + offs
         mask = cols < N
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DY + row * N + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_W:
             g = g * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         gx_acc += g * ((x - mean) * rstd)
@@ -391,10 +460,6 @@ def _norm_bwd_cols_kernel(
     DX, DW_PART, DB_PART,  # as _norm_bwd_kernel, partials (G, N) with G = grid dim 1
     M,
     N,
-    stride_dy,
-    stride_dres,
-    stride_x,
-    stride_dx,
     HAS_DRES: tl.constexpr,
     HAS_W: tl.constexpr,
     RMS: tl.constexpr,
@@ -418,8 +483,8 @@ def _norm_bwd_cols_kernel(
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         c1 = tl.load(C1 + rows, mask=row_mask, other=0.0)[:, None]
         if RMS:
@@ -437,8 +502,8 @@ def _norm_bwd_cols_kernel(
             c2 = tl.load(C2 + rows, mask=row_mask, other=0.0)[:, None]
             dx = (g - c2 - xhat * c1) * rstd
         if HAS_DRES:
-            dx += tl.load(DRES + rows64 * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DRES + rows64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
             dw_acc += dy * xhat
         if COMPUTE_DB:
@@ -449,6 +514,37 @@ def _norm_bwd_cols_kernel(
         tl.store(DW_PART + part, tl.sum(dw_acc, axis=0), mask=col_mask)
     if COMPUTE_DB:
         tl.store(DB_PART + part, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+# dW / dB from the (G, N) fp32 partial sums: column blocks in parallel, G summed in a fixed
+# order (deterministic), result cast to the parameter dtype. Traffic: reads the partials once.
+@triton.jit
+def _sum_partials_kernel(
+    DW_PART, DB_PART,  # (G, N) fp32, or dummies
+    DW, DB,  # (N,) outputs in the parameter dtype, or dummies
+    G,
+    N,
+    COMPUTE_DW: tl.constexpr,
+    COMPUTE_DB: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < N
+    dw_acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_G, BLOCK_C], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        mask = (g < G)[:, None] & col_mask[None, :]
+        offs = g.to(tl.int64)[:, None] * N + cols[None, :]
+        if COMPUTE_DW:
+            dw_acc += tl.load(DW_PART + offs, mask=mask, other=0.0)
+        if COMPUTE_DB:
+            db_acc += tl.load(DB_PART + offs, mask=mask, other=0.0)
+    if COMPUTE_DW:
+        tl.store(DW + cols, tl.sum(dw_acc, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if COMPUTE_DB:
+        tl.store(DB + cols, tl.sum(db_acc, axis=0).to(DB.dtype.element_ty), mask=col_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,7 +562,7 @@ def _check_matrix(t, op, name):
         raise LlmfastValueError(f"{op}: {name} must be 2-D (M, N), got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES:
         raise LlmfastTypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device.type != "cuda" and not _interpreting():
+    if t.device.type != "cuda" and not _INTERPRET:
         raise LlmfastTypeError(
             f"{op}: {name} must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {t.device}")
     if not t.is_contiguous():
@@ -505,24 +601,12 @@ def _check_stat(t, m, ref, op, name):
         raise LlmfastValueError(f"{op}: {name} must be contiguous")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-class _on_device:
-    """Launch on the tensor's GPU (Triton uses the current device and its current stream)."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+def _device_ctx(device: torch.device):
+    """Triton launches on the current CUDA device (and its current stream): switch to the
+    tensors' device only when it is not the current one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
@@ -558,7 +642,7 @@ def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
         rstd.fill_(float("nan"))
         return out, residual_out, mean, rstd
 
-    dummy = input
+    dummy = input  # stands in for absent tensors; never read or written (constexpr flags)
     args = (
         input,
         residual if residual is not None else dummy,
@@ -566,25 +650,21 @@ def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
         bias if bias is not None else dummy,
         out,
         residual_out if residual is not None else dummy,
-        mean if not rms else rstd,
+        rstd if rms else mean,
         rstd,
-    )
-    strides = (
-        input.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        out.stride(0),
-        residual_out.stride(0) if residual is not None else 0,
+        M,
+        N,
+        float(eps),
     )
     flags = dict(HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, RMS=bool(rms))
     cfg = _fwd_config(N)
-    with _on_device(input):
+    with _device_ctx(dev):
         if not cfg.looped:
-            grid = (triton.cdiv(M, cfg.rows),)
-            _norm_fwd_kernel[grid](*args, M, N, *strides, float(eps), **flags,
-                                   BLOCK_N=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
+            _norm_fwd_kernel[(_cdiv(M, cfg.rows),)](
+                *args, **flags, BLOCK_N=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
         else:
-            _norm_fwd_looped_kernel[(M,)](*args, N, *strides, float(eps), **flags,
-                                          CHUNK=cfg.block, num_warps=cfg.num_warps)
+            grid = (max(1, min(M, _num_sms(dev) * cfg.programs_per_sm)),)
+            _norm_fwd_looped_kernel[grid](*args, **flags, CHUNK=cfg.block, num_warps=cfg.num_warps)
     return out, residual_out, mean, rstd
 
 
@@ -610,57 +690,55 @@ def norm_bwd(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms:
 
     dev = x.device
     param_dtype = weight.dtype if weight is not None else x.dtype
+    weight_grad, bias_grad = bool(weight_grad), bool(bias_grad)
     grad_input = torch.empty((M, N), dtype=x.dtype, device=dev)
-    grad_weight = torch.empty((0,), dtype=param_dtype, device=dev)
-    grad_bias = torch.empty((0,), dtype=param_dtype, device=dev)
     if M == 0 or N == 0:
-        if weight_grad:
-            grad_weight = torch.zeros((N,), dtype=param_dtype, device=dev)
-        if bias_grad:
-            grad_bias = torch.zeros((N,), dtype=param_dtype, device=dev)
+        grad_weight = torch.zeros((N if weight_grad else 0,), dtype=param_dtype, device=dev)
+        grad_bias = torch.zeros((N if bias_grad else 0,), dtype=param_dtype, device=dev)
         return grad_input, grad_weight, grad_bias
+    grad_weight = torch.empty((N if weight_grad else 0,), dtype=param_dtype, device=dev)
+    grad_bias = torch.empty((N if bias_grad else 0,), dtype=param_dtype, device=dev)
 
-    dummy = x
+    dummy = x  # stands in for absent tensors; never read or written (constexpr flags)
+    n_acc = int(weight_grad) + int(bias_grad)
     flags = dict(HAS_DRES=grad_residual_out is not None, HAS_W=weight is not None, RMS=bool(rms),
-                 COMPUTE_DW=bool(weight_grad), COMPUTE_DB=bool(bias_grad))
+                 COMPUTE_DW=weight_grad, COMPUTE_DB=bias_grad)
     dres = grad_residual_out if grad_residual_out is not None else dummy
     w = weight if weight is not None else dummy
-    mean_arg = mean if not rms else rstd
-    strides = (grad_out.stride(0), dres.stride(0), x.stride(0), grad_input.stride(0))
-    cfg = _bwd_config(N)
+    mean_arg = rstd if rms else mean
+    on_gpu = dev.type == "cuda"
+    cfg = _bwd_config(N, n_acc, on_gpu)
     sms = _num_sms(dev)
-    with _on_device(x):
+    with _device_ctx(dev):
         if not cfg.looped:
-            n_programs = max(1, min(triton.cdiv(M, cfg.rows), sms * cfg.programs_per_sm))
-            dw_part, db_part = _workspaces(n_programs, N, weight_grad, bias_grad, dev)
-            _norm_bwd_kernel[(n_programs,)](
-                grad_out, dres, x, w, mean_arg, rstd, grad_input, dw_part, db_part,
-                M, N, *strides, **flags, BLOCK_N=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
+            n_parts = max(1, min(_cdiv(M, cfg.rows), sms * cfg.programs_per_sm))
         else:
-            c1 = torch.empty((M,), dtype=torch.float32, device=dev)
-            c2 = torch.empty((M,), dtype=torch.float32, device=dev)
+            col_blocks = _cdiv(N, cfg.block)
+            n_parts = max(1, min(_cdiv(M, cfg.rows), _cdiv(sms * cfg.programs_per_sm, col_blocks)))
+        # fp32 (n_parts, N) partial sums of dW and dB, one row per program (or row group);
+        # every program writes its whole row, so torch.empty is enough.
+        parts = torch.empty((n_acc, n_parts, N) if n_acc else (1,), dtype=torch.float32, device=dev)
+        dw_part = parts[0] if weight_grad else parts
+        db_part = parts[n_acc - 1] if bias_grad else parts
+
+        if not cfg.looped:
+            _norm_bwd_kernel[(n_parts,)](
+                grad_out, dres, x, w, mean_arg, rstd, grad_input, dw_part, db_part,
+                M, N, **flags, BLOCK_N=cfg.block, ROWS=cfg.rows, PREFETCH=cfg.prefetch,
+                RELOAD_W=cfg.reload_w, num_warps=cfg.num_warps)
+        else:
+            sums = torch.empty((2, M), dtype=torch.float32, device=dev)  # mean(g*xhat), mean(g)
             _norm_bwd_row_sums_kernel[(M,)](
-                grad_out, x, w, mean_arg, rstd, c1, c2, N, grad_out.stride(0), x.stride(0),
+                grad_out, x, w, mean_arg, rstd, sums[0], sums[1], N,
                 HAS_W=weight is not None, RMS=bool(rms), CHUNK=cfg.sums_chunk, num_warps=cfg.sums_warps)
-            col_blocks = triton.cdiv(N, cfg.block)
-            n_groups = max(1, min(triton.cdiv(M, cfg.rows), triton.cdiv(sms * cfg.programs_per_sm, col_blocks)))
-            dw_part, db_part = _workspaces(n_groups, N, weight_grad, bias_grad, dev)
-            _norm_bwd_cols_kernel[(col_blocks, n_groups)](
-                grad_out, dres, x, w, mean_arg, rstd, c1, c2, grad_input, dw_part, db_part,
-                M, N, *strides, **flags, BLOCK_C=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
+            _norm_bwd_cols_kernel[(col_blocks, n_parts)](
+                grad_out, dres, x, w, mean_arg, rstd, sums[0], sums[1], grad_input, dw_part, db_part,
+                M, N, **flags, BLOCK_C=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
 
-    if weight_grad:
-        grad_weight = dw_part.sum(0).to(param_dtype)
-    if bias_grad:
-        grad_bias = db_part.sum(0).to(param_dtype)
+        if n_acc:
+            block_g, block_c = _sum_config(n_parts, N, on_gpu)
+            _sum_partials_kernel[(_cdiv(N, block_c),)](
+                dw_part, db_part, grad_weight if weight_grad else dummy, grad_bias if bias_grad else dummy,
+                n_parts, N, COMPUTE_DW=weight_grad, COMPUTE_DB=bias_grad,
+                BLOCK_G=block_g, BLOCK_C=block_c, num_warps=4)
     return grad_input, grad_weight, grad_bias
-
-
-def _workspaces(n_programs, n, weight_grad, bias_grad, device):
-    """fp32 (n_programs, n) partial-sum buffers for dW and dB (a 1-element dummy when unused).
-    Each program writes its whole row, so torch.empty is enough."""
-    def buf(needed):
-        shape = (n_programs, n) if needed else (1,)
-        return torch.empty(shape, dtype=torch.float32, device=device)
-
-    return buf(weight_grad), buf(bias_grad)
