@@ -66,7 +66,7 @@ def _want_cuda():
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
-cxx_flags = ["-O3", "-std=c++17"]
+cxx_flags = ["-O3"]  # torch picks the C++ standard its headers need (C++17 or C++20)
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if _want_cuda():
@@ -80,7 +80,6 @@ if _want_cuda():
             "cxx": cxx_flags,
             "nvcc": [
                 "-O3",
-                "-std=c++17",
                 "--use_fast_math",
                 "--expt-relaxed-constexpr",
                 "-lineinfo",

@@ -1,0 +1,1132 @@
+// CUDA kernels of llmfast::norm_fwd / llmfast::norm_bwd: LayerNorm and RMSNorm over the rows of
+// an (M, N) row-major tensor, optionally fused with a residual add (contract in norm_ops.cpp).
+//
+// Algorithm. A row is spread over a "row group" of threads; each thread loads its part of the
+// row with 16-byte vector loads (all loads of a row issued before the first use) and keeps it in
+// registers, packed in the input dtype, until the row is written back. Statistics are two-pass
+// from those registers (mean, then sum((s - mean)^2); never E[x^2] - mean^2), all in fp32. Row
+// sums go through warp shuffles, then shared memory across the warps of the group, then -- when
+// one row is split over a thread-block cluster (Hopper) -- distributed shared memory across the
+// blocks of the cluster. Backward runs a persistent grid: every thread owns the same columns in
+// every row it visits and adds dy * xhat and dy into fp32 accumulators in shared memory; at the
+// end each cluster writes one fp32 partial row of dW and dB to a workspace, and a small kernel
+// sums the partials in a fixed order (deterministic for a given device and shape). When a row
+// spans a cluster (1-2 rows in flight per SM), backward also has L2 fetch the next row (sm_90
+// bulk prefetch) while the current one is reduced: +5-10% there, a loss for shorter rows.
+//
+// Memory traffic (T = element size). Forward: reads input (+ residual) once, writes out
+// (+ residual_out) once: 2MNT (4MNT with a residual), plus 8M bytes of statistics; weight and bias
+// are re-read per row from L1/L2. Backward: reads grad_out and s (+ grad_residual_out) once,
+// writes grad_input once: 3MNT (4MNT), plus P * N * 8 bytes of dW/dB partials written and read
+// back (P = clusters in the persistent grid, 1-2 blocks per SM: a few % of the main traffic).
+//
+// Launch shapes, chosen on the host from N (VEC = 16 / T elements per 16-byte vector):
+//   vectors per thread: forward 4 (32 bf16 / 16 fp32 columns: 16 registers of packed data),
+//   backward 2 per tensor (x and dy are both held across the row reduction).
+//   threads per row (tpr) = ceil(N / VEC / vectors-per-thread), rounded up to a power of two
+//   when <= 32 (a group's shuffles then stay inside its warp), else to a multiple of 32.
+//   Rows with tpr <= target share a block of `target` threads (target / tpr rows per block);
+//   target = 128 forward (smaller blocks: a row group's barriers hold up fewer rows), 512
+//   backward (fewer blocks: fewer dW/dB partial rows). Rows with target < tpr <= 512 get a block
+//   of their own. Longer rows are split over a cluster of C <= 8 blocks of <= 512 threads (sm_90
+//   and newer): a block then holds a part of a row, so that more than one row is in flight per
+//   SM and one row's loads overlap another's reductions.
+//     N (bf16)   forward                       backward
+//     1024       tpr 32, 4 rows / 128 thr      tpr 64, 8 rows / 512 thr
+//     4096       tpr 128, 1 row / 128 thr      tpr 256, 2 rows / 512 thr
+//     8192       tpr 256                       tpr 512
+//     16384      tpr 512                       cluster 2 x 512
+//     65536      cluster 4 x 512               cluster 8 x 512
+//   Register-resident limits: forward N <= 8*512*4*VEC (131072 bf16, 65536 fp32), backward
+//   N <= 8*512*2*VEC (65536 bf16, 32768 fp32); without clusters (sm_80) one block of 512
+//   threads per row: forward N <= 16384 bf16 / 8192 fp32, backward N <= 8192 bf16 / 4096 fp32.
+//   Blocks are launched at 2 per SM x 512 threads worth of registers (<= 64 per thread); the
+//   hot bf16/fp16 kernels fit without spills (forward 56 registers, backward 64).
+//   Anything else -- N not a multiple of VEC, a pointer not 16-byte aligned, or a longer row --
+//   takes the generic kernels: one 512-thread block per row, strided scalar loops that re-read
+//   the row (from L1/L2) for each pass; backward accumulates dW/dB in a per-block fp32 row of
+//   the workspace. Correct for any N, not tuned.
+//
+// Measured on H100 SXM (bf16, weight and bias, copy ceiling 3020 GB/s; bytes as in PERF.md:
+// forward 2MNT, forward+backward 5MNT), shapes 16384x1024 / 16384x4096 / 8192x8192 / 4096x16384 /
+// 2048x65536: LayerNorm forward 2240 / 2780 / 2760 / 2650 / 1760 GB/s, forward+backward
+// 2040 / 2550 / 2380 / 2140 / 1780 GB/s; RMSNorm forward 2250 / 2790 / 2790 / 2770 / 2210,
+// forward+backward 2090 / 2620 / 2560 / 2300 / 2030.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cooperative_groups.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+
+namespace llmfast {
+namespace {
+
+namespace cg = cooperative_groups;
+using cuda::ceil_div;
+using cuda::Packed;
+using cuda::round_up;
+
+constexpr const char* kFwd = "llmfast::norm_fwd";
+constexpr const char* kBwd = "llmfast::norm_bwd";
+
+// Register-resident kernels: threads per block at most (the launch bound: 2 blocks of 512 per SM
+// at <= 64 registers), blocks per cluster at most (the portable limit), and the block size that
+// rows of at most that many threads are packed into (several rows per block). Forward prefers
+// small blocks: a row group's barriers then hold up fewer rows (+2-4% on H100 at N = 1024..8192);
+// backward prefers large ones: fewer blocks, so fewer dW/dB partial rows to write and reduce.
+constexpr int kMaxThreads = 512;
+constexpr int kMaxCluster = 8;
+constexpr int kFwdTargetThreads = 128;
+constexpr int kBwdTargetThreads = 512;
+constexpr int kFwdVecsPerThread = 4;
+constexpr int kBwdVecsPerThread = 2;
+constexpr int kGenericThreads = 512;
+// Backward dW + dB accumulators of the largest block (16-bit types: 16 columns per thread).
+constexpr int kBwdMaxSmem =
+    kMaxThreads * kBwdVecsPerThread * 8 * 2 * static_cast<int>(sizeof(float));
+
+template <typename T>
+constexpr int vec_of() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-group sums.
+// ---------------------------------------------------------------------------------------------
+
+// Shared scratch of one block for row_group_reduce: per-warp partials, and the block's partial
+// that the other blocks of a cluster read. Each call uses one of two buffers in turn: a buffer is
+// written again two calls later, after a barrier (the next call's) that every reader of its
+// previous contents has passed.
+template <int K>
+struct RowScratch {
+  float warp[2][32][K];
+  float block[2][K];
+};
+
+// v <- combine(v, partner) over a full warp: butterfly on all 32 lanes, each step combining the
+// operand of the lower lane with that of the upper lane, so both lanes of a pair compute the
+// same bits and every lane ends with the same result. Lanes holding the identity do not change
+// it.
+template <int K, typename Combine>
+__device__ __forceinline__ void warp_butterfly(float (&v)[K], int max_off, Combine combine) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < max_off) {
+      float other[K];
+#pragma unroll
+      for (int i = 0; i < K; ++i) other[i] = __shfl_xor_sync(0xffffffffu, v[i], off);
+      if (lane & off) {
+        combine(other, v);
+#pragma unroll
+        for (int i = 0; i < K; ++i) v[i] = other[i];
+      } else {
+        combine(v, other);
+      }
+    }
+  }
+}
+
+// Reduces v over the row group of the calling thread: tpr consecutive threads of the block (tpr
+// a power of two <= 32, or a multiple of 32), times `cluster` blocks when a row spans a cluster
+// (then tpr == blockDim.x). combine(lo, hi) folds hi into lo (lo <- lo (+) hi); `identity` is
+// its neutral element. Every thread of the group ends with the same bits: shuffles pair lanes
+// in a fixed order, and per-warp / per-block partials are gathered into fixed lanes (lane j <-
+// warp j or block j) and folded the same way. Must be called by all threads of the block (and
+// cluster) the same number of times.
+template <int K, typename Combine>
+__device__ __forceinline__ void row_group_reduce(float (&v)[K], RowScratch<K>& s, int& parity,
+                                                 int tpr, int cluster, const float (&identity)[K],
+                                                 Combine combine) {
+  const int lane = threadIdx.x & 31;
+  // Inside a group of <= 32 lanes only offsets < tpr are used: the group's lanes never mix with
+  // another group's.
+  warp_butterfly(v, tpr, combine);
+  if (tpr > 32) {
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) s.warp[parity][warp][i] = v[i];
+    }
+    __syncthreads();
+    const int warps_per_group = tpr >> 5;
+    const int first = (warp / warps_per_group) * warps_per_group;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      v[i] = lane < warps_per_group ? s.warp[parity][first + lane][i] : identity[i];
+    }
+    warp_butterfly(v, 32, combine);
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cluster > 1) {
+    cg::cluster_group cl = cg::this_cluster();
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) s.block[parity][i] = v[i];
+    }
+    cl.sync();
+    if (lane < cluster) {
+      const float* remote = cl.map_shared_rank(&s.block[parity][0], lane);
+#pragma unroll
+      for (int i = 0; i < K; ++i) v[i] = remote[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < K; ++i) v[i] = identity[i];
+    }
+    warp_butterfly(v, 32, combine);
+  }
+#endif
+  parity ^= 1;
+}
+
+template <int K>
+__device__ __forceinline__ void row_group_sum(float (&v)[K], RowScratch<K>& s, int& parity,
+                                              int tpr, int cluster) {
+  float zero[K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) zero[i] = 0.0f;
+  row_group_reduce(v, s, parity, tpr, cluster, zero, [](float(&a)[K], const float(&b)[K]) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) a[i] += b[i];
+  });
+}
+
+// Asks L2 to fetch bytes [p, p + bytes) ahead of their use (sm_90 bulk prefetch: no registers
+// held, nothing waited for; p 16-byte aligned, bytes a multiple of 16). One thread issues it.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int64_t kPiece = 32768;
+  const char* c = static_cast<const char*>(p);
+#pragma unroll 1
+  for (int64_t off = 0; off < bytes; off += kPiece) {
+    const unsigned len = static_cast<unsigned>(bytes - off < kPiece ? bytes - off : kPiece);
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(c + off), "r"(len) : "memory");
+  }
+#endif
+}
+
+// A block must not exit while the other blocks of its cluster may still read its shared memory.
+__device__ __forceinline__ void cluster_exit_barrier(int cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cluster > 1) cg::this_cluster().sync();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+// ---------------------------------------------------------------------------------------------
+
+// Arguments of the forward kernels. x, residual, out, residual_out: (rows, cols) row-major;
+// weight, bias: (cols,); mean: (rows,) or null (RMSNorm); rstd: (rows,). residual / weight /
+// bias null when absent (residual_out is then unused).
+struct FwdParams {
+  const void* x;
+  const void* residual;
+  const void* weight;
+  const void* bias;
+  void* out;
+  void* residual_out;
+  float* mean;
+  float* rstd;
+  int64_t rows;
+  int64_t cols;
+  int64_t n_groups;  // row groups: ceil(rows / rows_per_block)
+  int nvec;          // cols / VEC (register-resident kernel only)
+  int tpr;           // threads per row inside one block
+  int rows_per_block;
+  int cluster;  // blocks per row
+  float eps;
+  float inv_cols;
+  unsigned zero;  // always 0; see Packed::launder
+  bool rms;
+};
+
+// Register-resident forward. Row group g of block b handles row (b / cluster) * rows_per_block
+// + g; its thread t (counting over the cluster) holds vectors t, t + T, t + 2T, t + 3T of the
+// row (T = threads per row), so each warp-wide load is contiguous.
+// Traffic: reads x (+ residual) once, writes out (+ residual_out) once, 8 bytes of statistics
+// per row; weight and bias are read per row from L1/L2.
+// kResidual is a template flag (not a run-time one like the others): holding s and the residual
+// at once needs 16 more registers, which would otherwise spill in the plain kernel.
+template <typename T, typename W, bool kResidual>
+__global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdParams p) {
+  constexpr int VEC = vec_of<T>();
+  constexpr int VPT = kFwdVecsPerThread;
+  using TPack = Packed<T, VEC>;
+  using WPack = Packed<W, VEC>;
+  __shared__ RowScratch<1> scratch;
+  int parity = 0;
+
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = kResidual ? static_cast<const T*>(p.residual) : nullptr;
+  const W* weight = static_cast<const W*>(p.weight);
+  const W* bias = static_cast<const W*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  T* res_out = static_cast<T*>(p.residual_out);
+
+  const int group = threadIdx.x / p.tpr;
+  const int rank = static_cast<int>(blockIdx.x % p.cluster);
+  const int t_row = rank * p.tpr + static_cast<int>(threadIdx.x % p.tpr);
+  const int threads_per_row = p.cluster * p.tpr;
+  const int64_t n_clusters = gridDim.x / p.cluster;
+
+  for (int64_t rg = blockIdx.x / p.cluster; rg < p.n_groups; rg += n_clusters) {
+    const int64_t row = rg * p.rows_per_block + group;
+    const bool row_ok = row < p.rows;
+    const int64_t row_off = row * p.cols;
+
+    bool valid[VPT];
+    TPack s[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int v = k * threads_per_row + t_row;
+      valid[k] = row_ok && v < p.nvec;
+      if (valid[k]) {
+        s[k].load(x + row_off + static_cast<int64_t>(v) * VEC);
+      } else {
+        s[k].zero();
+      }
+    }
+    if (kResidual) {
+      TPack r[VPT];
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        const int v = k * threads_per_row + t_row;
+        if (valid[k]) r[k].load(res + row_off + static_cast<int64_t>(v) * VEC);
+      }
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        if (valid[k]) {
+          const int v = k * threads_per_row + t_row;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) s[k].set(e, s[k].get(e) + r[k].get(e));
+          s[k].store(res_out + row_off + static_cast<int64_t>(v) * VEC);
+        }
+      }
+    }
+
+    // Invalid vectors hold zeros: they add nothing to sum(s) or sum(s^2).
+    float acc[1] = {0.0f};
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float f = s[k].get(e);
+        acc[0] += p.rms ? f * f : f;
+      }
+    }
+    row_group_sum(acc, scratch, parity, p.tpr, p.cluster);
+    float mu = 0.0f;
+    float var;
+    if (p.rms) {
+      var = acc[0] * p.inv_cols;
+    } else {
+      // Second pass over the registers: sum((s - mean)^2).
+      mu = acc[0] * p.inv_cols;
+      acc[0] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        s[k].launder(p.zero);
+        if (valid[k]) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const float d = s[k].get(e) - mu;
+            acc[0] += d * d;
+          }
+        }
+      }
+      row_group_sum(acc, scratch, parity, p.tpr, p.cluster);
+      var = acc[0] * p.inv_cols;
+    }
+    const float rs = rsqrtf(var + p.eps);
+    if (row_ok && t_row == 0) {
+      if (!p.rms) p.mean[row] = mu;
+      p.rstd[row] = rs;
+    }
+
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      s[k].launder(p.zero);
+      if (valid[k]) {
+        const int v = k * threads_per_row + t_row;
+        WPack w, b;
+        if (weight != nullptr) w.load_ldg_ordered(weight + static_cast<int64_t>(v) * VEC);
+        if (bias != nullptr) b.load_ldg_ordered(bias + static_cast<int64_t>(v) * VEC);
+        TPack y;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          float f = (s[k].get(e) - mu) * rs;
+          if (weight != nullptr) f *= w.get(e);
+          if (bias != nullptr) f += b.get(e);
+          y.set(e, f);
+        }
+        y.store_ordered(out + row_off + static_cast<int64_t>(v) * VEC);
+      }
+    }
+  }
+  cluster_exit_barrier(p.cluster);
+}
+
+// Generic forward: any N and alignment. One block (tpr == blockDim.x, a multiple of 32) per row,
+// strided scalar loops. Traffic: as the register kernel, plus one (LayerNorm) or two re-reads of
+// the row, mostly from L1/L2.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kGenericThreads) norm_fwd_generic_kernel(const FwdParams p) {
+  __shared__ RowScratch<1> scratch;
+  int parity = 0;
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  const W* weight = static_cast<const W*>(p.weight);
+  const W* bias = static_cast<const W*>(p.bias);
+  T* out = static_cast<T*>(p.out);
+  T* res_out = static_cast<T*>(p.residual_out);
+  const int64_t cols = p.cols;
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t off = row * cols;
+    // With a residual, s is re-read from residual_out, written by this same thread.
+    const T* s = res != nullptr ? res_out + off : x + off;
+    float acc[1] = {0.0f};
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      float f;
+      if (res != nullptr) {
+        const T v =
+            static_cast<T>(static_cast<float>(x[off + j]) + static_cast<float>(res[off + j]));
+        res_out[off + j] = v;
+        f = static_cast<float>(v);
+      } else {
+        f = static_cast<float>(x[off + j]);
+      }
+      acc[0] += p.rms ? f * f : f;
+    }
+    row_group_sum(acc, scratch, parity, blockDim.x, 1);
+    float mu = 0.0f;
+    float var;
+    if (p.rms) {
+      var = acc[0] * p.inv_cols;
+    } else {
+      mu = acc[0] * p.inv_cols;
+      acc[0] = 0.0f;
+      for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+        const float d = static_cast<float>(s[j]) - mu;
+        acc[0] += d * d;
+      }
+      row_group_sum(acc, scratch, parity, blockDim.x, 1);
+      var = acc[0] * p.inv_cols;
+    }
+    const float rs = rsqrtf(var + p.eps);
+    if (threadIdx.x == 0) {
+      if (!p.rms) p.mean[row] = mu;
+      p.rstd[row] = rs;
+    }
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      float f = (static_cast<float>(s[j]) - mu) * rs;
+      if (weight != nullptr) f *= static_cast<float>(weight[j]);
+      if (bias != nullptr) f += static_cast<float>(bias[j]);
+      out[off + j] = static_cast<T>(f);
+    }
+  }
+}
+
+// Arguments of the backward kernels. dy, dres, x (= s), dx: (rows, cols) row-major; weight:
+// (cols,) or null; mean: (rows,) or null (RMSNorm); rstd: (rows,). ws_w / ws_b: (P, cols) fp32
+// partial sums of dy * xhat / dy, one row per cluster (per block for the generic kernel), or
+// null when that gradient is not wanted.
+struct BwdParams {
+  const void* dy;
+  const void* dres;
+  const void* x;
+  const void* weight;
+  const float* mean;
+  const float* rstd;
+  void* dx;
+  float* ws_w;
+  float* ws_b;
+  int64_t rows;
+  int64_t cols;
+  int64_t n_groups;
+  int nvec;
+  int tpr;
+  int rows_per_block;
+  int cluster;
+  float inv_cols;
+  unsigned zero;  // always 0; see Packed::launder
+  bool rms;
+  bool prefetch;  // prefetch the next row group into L2
+};
+
+// Register-resident backward over a persistent grid (cluster c visits row groups c, c + G, ...).
+// Thread/column mapping as in norm_fwd_kernel, 2 vectors per thread. dW/dB accumulate in fp32
+// in dynamic shared memory: per row group, float4 slot (k, e4) of thread t lives at
+// ((g * VPT + k) * VEC/4 + e4) * tpr + t, so a warp's float4 accesses are contiguous.
+// Traffic: reads dy, x (+ dres) once, writes dx once, 8 bytes of statistics read per row;
+// weight is read per row from L1/L2; finally writes one partial row of dW and dB per cluster.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kMaxThreads, 2) norm_bwd_kernel(const BwdParams p) {
+  constexpr int VEC = vec_of<T>();
+  constexpr int VPT = kBwdVecsPerThread;
+  constexpr int F4 = VEC / 4;
+  using TPack = Packed<T, VEC>;
+  using WPack = Packed<W, VEC>;
+  extern __shared__ float4 param_acc[];
+  __shared__ RowScratch<2> scratch;
+  int parity = 0;
+
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* dres = static_cast<const T*>(p.dres);
+  const T* x = static_cast<const T*>(p.x);
+  const W* weight = static_cast<const W*>(p.weight);
+  T* dx = static_cast<T*>(p.dx);
+
+  const int tpr = p.tpr;
+  const int group = threadIdx.x / tpr;
+  const int lane = threadIdx.x % tpr;
+  const int rank = static_cast<int>(blockIdx.x % p.cluster);
+  const int t_row = rank * tpr + lane;
+  const int threads_per_row = p.cluster * tpr;
+  const int64_t n_clusters = gridDim.x / p.cluster;
+
+  const int slots_per_group = VPT * F4 * tpr;
+  float4* acc_w = p.ws_w != nullptr ? param_acc : nullptr;
+  float4* acc_b =
+      p.ws_b != nullptr
+          ? param_acc + (p.ws_w != nullptr ? p.rows_per_block * slots_per_group : 0)
+          : nullptr;
+  float4* my_w = acc_w != nullptr ? acc_w + group * slots_per_group + lane : nullptr;
+  float4* my_b = acc_b != nullptr ? acc_b + group * slots_per_group + lane : nullptr;
+#pragma unroll
+  for (int q = 0; q < VPT * F4; ++q) {
+    if (my_w != nullptr) my_w[q * tpr] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (my_b != nullptr) my_b[q * tpr] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+
+  for (int64_t rg = blockIdx.x / p.cluster; rg < p.n_groups; rg += n_clusters) {
+    const int64_t row = rg * p.rows_per_block + group;
+    const bool row_ok = row < p.rows;
+    const int64_t row_off = row * p.cols;
+    if (p.prefetch && rank == 0 && threadIdx.x == 0 && rg + n_clusters < p.n_groups) {
+      // The rows this cluster handles next are contiguous: have L2 fetch them while this row
+      // is reduced and written, so that the next loads find them there. Measured on H100: a
+      // win when a row spans a cluster (1-2 rows in flight per SM), a loss otherwise.
+      const int64_t first = (rg + n_clusters) * p.rows_per_block;
+      const int64_t bytes = min(static_cast<int64_t>(p.rows_per_block), p.rows - first) * p.cols *
+                            static_cast<int64_t>(sizeof(T));
+      prefetch_l2(x + first * p.cols, bytes);
+      prefetch_l2(dy + first * p.cols, bytes);
+      if (dres != nullptr) prefetch_l2(dres + first * p.cols, bytes);
+    }
+
+    bool valid[VPT];
+    TPack xs[VPT], gy[VPT];
+    WPack w[VPT];
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      const int v = k * threads_per_row + t_row;
+      valid[k] = row_ok && v < p.nvec;
+      if (valid[k]) {
+        xs[k].load(x + row_off + static_cast<int64_t>(v) * VEC);
+        gy[k].load(dy + row_off + static_cast<int64_t>(v) * VEC);
+        if (weight != nullptr) w[k].load_ldg(weight + static_cast<int64_t>(v) * VEC);
+      } else {
+        xs[k].zero();
+        gy[k].zero();
+      }
+    }
+    const float mu = (row_ok && !p.rms) ? p.mean[row] : 0.0f;
+    const float rs = row_ok ? p.rstd[row] : 0.0f;
+
+    // sum(g) and sum(g * xhat), g = dy * w.
+    float acc[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      if (valid[k]) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float xh = (xs[k].get(e) - mu) * rs;
+          const float g = weight != nullptr ? gy[k].get(e) * w[k].get(e) : gy[k].get(e);
+          acc[0] += g;
+          acc[1] += g * xh;
+        }
+      }
+    }
+    row_group_sum(acc, scratch, parity, tpr, p.cluster);
+    // RMSNorm has no mean to subtract, so its dx has no mean(g) term.
+    const float c_g = p.rms ? 0.0f : acc[0] * p.inv_cols;
+    const float c_gx = acc[1] * p.inv_cols;
+
+    // Only x and dy (packed) stay in registers across the reduction; the weight is read again
+    // (an L1 hit) rather than held.
+#pragma unroll
+    for (int k = 0; k < VPT; ++k) {
+      xs[k].launder(p.zero);
+      gy[k].launder(p.zero);
+      if (valid[k]) {
+        const int v = k * threads_per_row + t_row;
+        const int64_t off = row_off + static_cast<int64_t>(v) * VEC;
+        WPack wk;
+        if (weight != nullptr) wk.load_ldg_ordered(weight + static_cast<int64_t>(v) * VEC);
+        TPack r;
+        if (dres != nullptr) r.load(dres + off);
+        TPack d;
+#pragma unroll
+        for (int e4 = 0; e4 < F4; ++e4) {
+          float xh[4], gyf[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int e = 4 * e4 + i;
+            xh[i] = (xs[k].get(e) - mu) * rs;
+            gyf[i] = gy[k].get(e);
+            const float g = weight != nullptr ? gyf[i] * wk.get(e) : gyf[i];
+            float f = rs * (g - c_g - xh[i] * c_gx);
+            if (dres != nullptr) f += r.get(e);
+            d.set(e, f);
+          }
+          const int q = (k * F4 + e4) * tpr;
+          if (my_w != nullptr) {
+            float4 a = my_w[q];
+            a.x += gyf[0] * xh[0];
+            a.y += gyf[1] * xh[1];
+            a.z += gyf[2] * xh[2];
+            a.w += gyf[3] * xh[3];
+            my_w[q] = a;
+          }
+          if (my_b != nullptr) {
+            float4 a = my_b[q];
+            a.x += gyf[0];
+            a.y += gyf[1];
+            a.z += gyf[2];
+            a.w += gyf[3];
+            my_b[q] = a;
+          }
+        }
+        d.store(dx + off);
+      }
+    }
+  }
+
+  if (acc_w != nullptr || acc_b != nullptr) {
+    // Fold the block's row groups (in group order) and write this cluster's partial row.
+    __syncthreads();
+    const int64_t part = blockIdx.x / p.cluster;
+    for (int slot = threadIdx.x; slot < slots_per_group; slot += blockDim.x) {
+      const int t = slot % tpr;
+      const int ke = slot / tpr;
+      const int v = (ke / F4) * threads_per_row + rank * tpr + t;
+      if (v >= p.nvec) continue;
+      const int64_t col = static_cast<int64_t>(v) * VEC + (ke % F4) * 4;
+      if (acc_w != nullptr) {
+        float4 a = acc_w[slot];
+#pragma unroll 1
+        for (int g = 1; g < p.rows_per_block; ++g) {
+          const float4 b = acc_w[g * slots_per_group + slot];
+          a.x += b.x;
+          a.y += b.y;
+          a.z += b.z;
+          a.w += b.w;
+        }
+        *reinterpret_cast<float4*>(p.ws_w + part * p.cols + col) = a;
+      }
+      if (acc_b != nullptr) {
+        float4 a = acc_b[slot];
+#pragma unroll 1
+        for (int g = 1; g < p.rows_per_block; ++g) {
+          const float4 b = acc_b[g * slots_per_group + slot];
+          a.x += b.x;
+          a.y += b.y;
+          a.z += b.z;
+          a.w += b.w;
+        }
+        *reinterpret_cast<float4*>(p.ws_b + part * p.cols + col) = a;
+      }
+    }
+  }
+  cluster_exit_barrier(p.cluster);
+}
+
+// Generic backward: any N and alignment. Block b visits rows b, b + gridDim.x, ... (one row at a
+// time, tpr == blockDim.x) and accumulates dW/dB directly in its own workspace row (each thread
+// always touches the same columns, so no races). Traffic: as the register kernel, plus a re-read
+// of the row from L1/L2 and a read-modify-write of the workspace row per row visited.
+template <typename T, typename W>
+__global__ void __launch_bounds__(kGenericThreads) norm_bwd_generic_kernel(const BwdParams p) {
+  __shared__ RowScratch<2> scratch;
+  int parity = 0;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* dres = static_cast<const T*>(p.dres);
+  const T* x = static_cast<const T*>(p.x);
+  const W* weight = static_cast<const W*>(p.weight);
+  T* dx = static_cast<T*>(p.dx);
+  const int64_t cols = p.cols;
+  float* ws_w = p.ws_w != nullptr ? p.ws_w + blockIdx.x * cols : nullptr;
+  float* ws_b = p.ws_b != nullptr ? p.ws_b + blockIdx.x * cols : nullptr;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    if (ws_w != nullptr) ws_w[j] = 0.0f;
+    if (ws_b != nullptr) ws_b[j] = 0.0f;
+  }
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const int64_t off = row * cols;
+    const float mu = p.rms ? 0.0f : p.mean[row];
+    const float rs = p.rstd[row];
+    float acc[2] = {0.0f, 0.0f};
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const float xh = (static_cast<float>(x[off + j]) - mu) * rs;
+      float g = static_cast<float>(dy[off + j]);
+      if (weight != nullptr) g *= static_cast<float>(weight[j]);
+      acc[0] += g;
+      acc[1] += g * xh;
+    }
+    row_group_sum(acc, scratch, parity, blockDim.x, 1);
+    const float c_g = p.rms ? 0.0f : acc[0] * p.inv_cols;
+    const float c_gx = acc[1] * p.inv_cols;
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const float xh = (static_cast<float>(x[off + j]) - mu) * rs;
+      const float gy = static_cast<float>(dy[off + j]);
+      const float g = weight != nullptr ? gy * static_cast<float>(weight[j]) : gy;
+      float f = rs * (g - c_g - xh * c_gx);
+      if (dres != nullptr) f += static_cast<float>(dres[off + j]);
+      dx[off + j] = static_cast<T>(f);
+      if (ws_w != nullptr) ws_w[j] += gy * xh;
+      if (ws_b != nullptr) ws_b[j] += gy;
+    }
+  }
+}
+
+// out[c] = sum over p of ws[p][c] (p ascending per thread-row, then the 32 thread-rows in
+// order), cast to OutT; blockIdx.y picks the (ws, out) pair. Block (32, 32): 32 columns, the
+// parts split over threadIdx.y. Traffic: reads the (parts, cols) workspace once.
+template <typename OutT>
+__global__ void __launch_bounds__(1024)
+    norm_param_grad_reduce_kernel(const float* ws0, OutT* out0, const float* ws1, OutT* out1,
+                                  int64_t parts, int64_t cols) {
+  __shared__ float tile[32][33];
+  const float* ws = blockIdx.y == 0 ? ws0 : ws1;
+  OutT* out = blockIdx.y == 0 ? out0 : out1;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.0f;
+  if (col < cols) {
+#pragma unroll 4
+    for (int64_t part = threadIdx.y; part < parts; part += 32) acc += ws[part * cols + col];
+  }
+  tile[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sum += tile[i][threadIdx.x];
+    out[col] = static_cast<OutT>(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>, Tag<W>) for the input dtype T and the parameter dtype W (T or float).
+template <typename F>
+void dispatch_dtypes(at::ScalarType input, at::ScalarType param, F&& f) {
+  switch (input) {
+    case at::kFloat:
+      f(Tag<float>{}, Tag<float>{});
+      return;
+    case at::kHalf:
+      if (param == at::kFloat) {
+        f(Tag<at::Half>{}, Tag<float>{});
+      } else {
+        f(Tag<at::Half>{}, Tag<at::Half>{});
+      }
+      return;
+    case at::kBFloat16:
+      if (param == at::kFloat) {
+        f(Tag<at::BFloat16>{}, Tag<float>{});
+      } else {
+        f(Tag<at::BFloat16>{}, Tag<at::BFloat16>{});
+      }
+      return;
+    default:
+      TORCH_CHECK(false, "llmfast: unsupported dtype ", input);
+  }
+}
+
+// How a row is laid over threads by the register-resident kernels.
+struct RowLayout {
+  int tpr;             // threads per row inside one block
+  int rows_per_block;  // row groups per block (1 when cluster > 1)
+  int cluster;         // blocks per row
+  int block;           // threads per block
+};
+
+// Lays out a row of nvec vectors, vpt vectors per thread. False when it does not fit the
+// register-resident kernels (then the generic kernels run).
+bool plan_row_layout(int64_t nvec, int vpt, int target, bool clusters_ok, RowLayout& l) {
+  const int64_t need = ceil_div<int64_t>(nvec, vpt);
+  int64_t tpr = 1;
+  if (need <= 32) {
+    while (tpr < need) tpr *= 2;
+  } else {
+    tpr = round_up<int64_t>(need, 32);
+  }
+  if (tpr <= target) {
+    l.tpr = static_cast<int>(tpr);
+    l.rows_per_block = target / l.tpr;
+    l.cluster = 1;
+    l.block = l.tpr * l.rows_per_block;
+    return true;
+  }
+  if (tpr <= kMaxThreads) {
+    l.tpr = static_cast<int>(tpr);
+    l.rows_per_block = 1;
+    l.cluster = 1;
+    l.block = l.tpr;
+    return true;
+  }
+  if (!clusters_ok) return false;
+  const int64_t cluster = ceil_div<int64_t>(need, kMaxThreads);
+  if (cluster > kMaxCluster) return false;
+  l.cluster = static_cast<int>(cluster);
+  l.tpr = static_cast<int>(round_up<int64_t>(ceil_div<int64_t>(need, cluster), 32));
+  l.rows_per_block = 1;
+  l.block = l.tpr;
+  return true;
+}
+
+// How many clusters of `cluster` blocks of `kernel` fit on the device at once (the size of a
+// persistent grid). Cached per (device, kernel, shape): the occupancy queries cost microseconds.
+template <typename Kernel>
+int64_t resident_clusters(Kernel kernel, int block, size_t smem, int cluster) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, size_t, int>, int64_t> cache;
+  const int device = c10::cuda::current_device();
+  const auto key =
+      std::make_tuple(device, reinterpret_cast<const void*>(kernel), block, smem, cluster);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  const int n_sm = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t resident = 0;
+  if (cluster == 1) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block, smem));
+    resident = static_cast<int64_t>(per_sm) * n_sm;
+  } else {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(cluster * n_sm), 1, 1);
+    cfg.blockDim = dim3(static_cast<unsigned>(block), 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    resident = clusters;
+  }
+  // Never zero: a grid too large to be resident at once is still correct, only not persistent.
+  resident = std::max<int64_t>(resident, std::max(1, n_sm / cluster));
+  const std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, resident);
+  return resident;
+}
+
+unsigned checked_grid(int64_t blocks) {
+  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int>::max(),
+              "llmfast: grid of ", blocks, " blocks is out of range");
+  return static_cast<unsigned>(blocks);
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  LLMFAST_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device());
+  check_same_device(t, ref, op, name);
+}
+
+// input-like (M, N) tensor: CUDA, 2-D, contiguous, float32/float16/bfloat16.
+void check_matrix(const at::Tensor& t, const char* op, const char* name) {
+  LLMFAST_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device());
+  LLMFAST_CHECK(t.dim() == 2, op, name, " must be 2-D (M, N), got shape ", t.sizes());
+  check_floating(t, op, name);
+  check_contiguous(t, op, name);
+}
+
+// Another (M, N) tensor that must match `ref` (named ref_name) in device, shape and dtype.
+void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
+                const char* ref_name) {
+  check_cuda(t, ref, op, name);
+  LLMFAST_CHECK(t.sizes() == ref.sizes(), op, name, " must have the shape of ", ref_name, " ",
+                ref.sizes(), ", got ", t.sizes());
+  LLMFAST_CHECK(t.scalar_type() == ref.scalar_type(), op, name, " must have the dtype of ",
+                ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+  check_contiguous(t, op, name);
+}
+
+// weight / bias: (N,), contiguous, dtype of the input or float32, on the input's device.
+void check_param(const at::Tensor& t, const at::Tensor& ref, int64_t N, const char* op,
+                 const char* name) {
+  check_cuda(t, ref, op, name);
+  LLMFAST_CHECK(t.dim() == 1, op, name, " must be 1-D, got shape ", t.sizes());
+  LLMFAST_CHECK(t.numel() == N, op, name, " must have ", N, " elements, got ", t.numel());
+  LLMFAST_CHECK(t.scalar_type() == ref.scalar_type() || t.scalar_type() == at::kFloat, op, name,
+                " must have the input's dtype (", ref.scalar_type(), ") or float32, got ",
+                t.scalar_type());
+  check_contiguous(t, op, name);
+}
+
+// Per-row statistic: float32, (M,), contiguous, on the input's device.
+void check_stat(const at::Tensor& t, const at::Tensor& ref, int64_t M, const char* op,
+                const char* name) {
+  check_cuda(t, ref, op, name);
+  LLMFAST_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ",
+                t.scalar_type());
+  LLMFAST_CHECK(t.dim() == 1 && t.size(0) == M, op, name, " must have shape (", M, ",), got ",
+                t.sizes());
+  check_contiguous(t, op, name);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms) {
+  check_matrix(input, kFwd, "input");
+  const int64_t M = input.size(0);
+  const int64_t N = input.size(1);
+  if (residual.has_value()) check_like(*residual, input, kFwd, "residual", "input");
+  if (weight.has_value()) check_param(*weight, input, N, kFwd, "weight");
+  if (bias.has_value()) {
+    check_param(*bias, input, N, kFwd, "bias");
+    if (weight.has_value()) {
+      LLMFAST_CHECK(bias->scalar_type() == weight->scalar_type(), kFwd,
+                    "bias must have the dtype of weight (", weight->scalar_type(), "), got ",
+                    bias->scalar_type());
+    }
+  }
+
+  const at::cuda::CUDAGuard guard(input.device());
+  const auto f32 = input.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({M, N}, input.options());
+  at::Tensor residual_out =
+      residual.has_value() ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
+  at::Tensor mean = rms ? at::empty({0}, f32) : at::empty({M}, f32);
+  at::Tensor rstd = at::empty({M}, f32);
+  if (M == 0) return {out, residual_out, mean, rstd};
+  if (N == 0) {
+    // Statistics of an empty row, as torch.native_layer_norm reports them: mean 0, rstd NaN.
+    if (!rms) mean.zero_();
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {out, residual_out, mean, rstd};
+  }
+
+  FwdParams p{};
+  p.x = input.const_data_ptr();
+  p.residual = residual.has_value() ? residual->const_data_ptr() : nullptr;
+  p.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  p.bias = bias.has_value() ? bias->const_data_ptr() : nullptr;
+  p.out = out.mutable_data_ptr();
+  p.residual_out = residual.has_value() ? residual_out.mutable_data_ptr() : nullptr;
+  p.mean = rms ? nullptr : mean.mutable_data_ptr<float>();
+  p.rstd = rstd.mutable_data_ptr<float>();
+  p.rows = M;
+  p.cols = N;
+  p.eps = static_cast<float>(eps);
+  p.inv_cols = 1.0f / static_cast<float>(N);
+  p.rms = rms;
+
+  const auto dtype = input.scalar_type();
+  const auto param_dtype = weight.has_value() ? weight->scalar_type()
+                           : bias.has_value() ? bias->scalar_type()
+                                              : dtype;
+  const int vec = static_cast<int>(16 / input.element_size());
+  const bool aligned = N % vec == 0 && cuda::is_aligned_16(p.x) &&
+                       cuda::is_aligned_16(p.residual) && cuda::is_aligned_16(p.weight) &&
+                       cuda::is_aligned_16(p.bias) && cuda::is_aligned_16(p.out) &&
+                       cuda::is_aligned_16(p.residual_out);
+  const bool clusters_ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  dispatch_dtypes(dtype, param_dtype, [&](auto t_tag, auto w_tag) {
+    using T = typename decltype(t_tag)::type;
+    using W = typename decltype(w_tag)::type;
+    RowLayout l;
+    if (aligned && plan_row_layout(N / vec, kFwdVecsPerThread, kFwdTargetThreads, clusters_ok, l)) {
+      p.nvec = static_cast<int>(N / vec);
+      p.tpr = l.tpr;
+      p.rows_per_block = l.rows_per_block;
+      p.cluster = l.cluster;
+      p.n_groups = ceil_div<int64_t>(M, l.rows_per_block);
+      // One cluster per row group: measured faster than a persistent grid here.
+      auto kernel =
+          residual.has_value() ? norm_fwd_kernel<T, W, true> : norm_fwd_kernel<T, W, false>;
+      cuda::launch_kernel(kernel, checked_grid(p.n_groups * l.cluster), l.block, 0, l.cluster,
+                          stream, p);
+    } else {
+      const int block = static_cast<int>(
+          std::min<int64_t>(kGenericThreads, round_up<int64_t>(N, 32)));
+      p.tpr = block;
+      p.rows_per_block = 1;
+      p.cluster = 1;
+      p.n_groups = M;
+      cuda::launch_kernel(norm_fwd_generic_kernel<T, W>,
+                          checked_grid(std::min<int64_t>(M, 1 << 20)), block, 0, 1, stream, p);
+    }
+  });
+  return {out, residual_out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& normed_input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, bool rms, bool weight_grad, bool bias_grad) {
+  check_matrix(normed_input, kBwd, "normed_input");
+  const int64_t M = normed_input.size(0);
+  const int64_t N = normed_input.size(1);
+  check_like(grad_out, normed_input, kBwd, "grad_out", "normed_input");
+  if (grad_residual_out.has_value()) {
+    check_like(*grad_residual_out, normed_input, kBwd, "grad_residual_out", "normed_input");
+  }
+  if (weight.has_value()) check_param(*weight, normed_input, N, kBwd, "weight");
+  LLMFAST_CHECK(!weight_grad || weight.has_value(), kBwd,
+                "weight_grad=True needs a weight, got None");
+  if (rms) {
+    // RMSNorm has no mean; the forward returns an empty one, which is not read.
+    check_cuda(mean, normed_input, kBwd, "mean");
+  } else {
+    check_stat(mean, normed_input, M, kBwd, "mean");
+  }
+  check_stat(rstd, normed_input, M, kBwd, "rstd");
+
+  const at::cuda::CUDAGuard guard(normed_input.device());
+  const auto dtype = normed_input.scalar_type();
+  const auto param_dtype = weight.has_value() ? weight->scalar_type() : dtype;
+  const auto param_opts = normed_input.options().dtype(param_dtype);
+  at::Tensor grad_input = at::empty({M, N}, normed_input.options());
+  at::Tensor grad_weight = at::empty({0}, param_opts);
+  at::Tensor grad_bias = at::empty({0}, param_opts);
+  if (M == 0 || N == 0) {
+    if (weight_grad) grad_weight = at::zeros({N}, param_opts);
+    if (bias_grad) grad_bias = at::zeros({N}, param_opts);
+    return {grad_input, grad_weight, grad_bias};
+  }
+  if (weight_grad) grad_weight = at::empty({N}, param_opts);
+  if (bias_grad) grad_bias = at::empty({N}, param_opts);
+
+  BwdParams p{};
+  p.dy = grad_out.const_data_ptr();
+  p.dres = grad_residual_out.has_value() ? grad_residual_out->const_data_ptr() : nullptr;
+  p.x = normed_input.const_data_ptr();
+  p.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  p.mean = rms ? nullptr : mean.const_data_ptr<float>();
+  p.rstd = rstd.const_data_ptr<float>();
+  p.dx = grad_input.mutable_data_ptr();
+  p.rows = M;
+  p.cols = N;
+  p.inv_cols = 1.0f / static_cast<float>(N);
+  p.rms = rms;
+
+  const int vec = static_cast<int>(16 / normed_input.element_size());
+  const bool aligned = N % vec == 0 && cuda::is_aligned_16(p.dy) &&
+                       cuda::is_aligned_16(p.dres) && cuda::is_aligned_16(p.x) &&
+                       cuda::is_aligned_16(p.weight) && cuda::is_aligned_16(p.dx);
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const bool clusters_ok = props->major >= 9;
+  const int n_sm = props->multiProcessorCount;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = normed_input.options().dtype(at::kFloat);
+  at::Tensor ws_w, ws_b;
+  int64_t parts = 0;
+
+  dispatch_dtypes(dtype, param_dtype, [&](auto t_tag, auto w_tag) {
+    using T = typename decltype(t_tag)::type;
+    using W = typename decltype(w_tag)::type;
+    constexpr int VEC = vec_of<T>();
+    RowLayout l;
+    if (aligned && plan_row_layout(N / VEC, kBwdVecsPerThread, kBwdTargetThreads, clusters_ok, l)) {
+      auto kernel = norm_bwd_kernel<T, W>;
+      const int n_acc = (weight_grad ? 1 : 0) + (bias_grad ? 1 : 0);
+      const size_t smem =
+          static_cast<size_t>(l.block) * kBwdVecsPerThread * VEC * sizeof(float) * n_acc;
+      // Always the largest size any launch asks for: concurrent callers never lower it.
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kBwdMaxSmem));
+      // Persistent grid: as many clusters as can be resident at once, never more than there are
+      // row groups.
+      const int64_t resident = resident_clusters(kernel, l.block, smem, l.cluster);
+      const int64_t n_groups = ceil_div<int64_t>(M, l.rows_per_block);
+      parts = std::min<int64_t>(n_groups, resident);
+      if (weight_grad) ws_w = at::empty({parts, N}, f32);
+      if (bias_grad) ws_b = at::empty({parts, N}, f32);
+      p.ws_w = weight_grad ? ws_w.mutable_data_ptr<float>() : nullptr;
+      p.ws_b = bias_grad ? ws_b.mutable_data_ptr<float>() : nullptr;
+      p.nvec = static_cast<int>(N / VEC);
+      p.tpr = l.tpr;
+      p.rows_per_block = l.rows_per_block;
+      p.cluster = l.cluster;
+      p.n_groups = n_groups;
+      p.prefetch = l.cluster > 1;
+      cuda::launch_kernel(kernel, checked_grid(parts * l.cluster), l.block, smem, l.cluster,
+                          stream, p);
+    } else {
+      const int block = static_cast<int>(
+          std::min<int64_t>(kGenericThreads, round_up<int64_t>(N, 32)));
+      // Without parameter gradients there is no workspace: one block per row. With them, the
+      // workspace holds a row per block: at most 2 blocks per SM and 2^22 floats per tensor.
+      const int64_t blocks =
+          (weight_grad || bias_grad)
+              ? std::max<int64_t>(1, std::min<int64_t>({M, 2 * static_cast<int64_t>(n_sm),
+                                                        (int64_t{1} << 22) / N}))
+              : std::min<int64_t>(M, 1 << 20);
+      parts = blocks;
+      if (weight_grad) ws_w = at::empty({parts, N}, f32);
+      if (bias_grad) ws_b = at::empty({parts, N}, f32);
+      p.ws_w = weight_grad ? ws_w.mutable_data_ptr<float>() : nullptr;
+      p.ws_b = bias_grad ? ws_b.mutable_data_ptr<float>() : nullptr;
+      p.tpr = block;
+      p.rows_per_block = 1;
+      p.cluster = 1;
+      p.n_groups = M;
+      cuda::launch_kernel(norm_bwd_generic_kernel<T, W>, checked_grid(blocks), block, 0, 1,
+                          stream, p);
+    }
+
+    if (weight_grad || bias_grad) {
+      // Both gradients share W: the weight's dtype, or the input's when there is no weight.
+      const float* ws0 = weight_grad ? ws_w.const_data_ptr<float>() : ws_b.const_data_ptr<float>();
+      W* out0 = weight_grad ? grad_weight.mutable_data_ptr<W>() : grad_bias.mutable_data_ptr<W>();
+      const bool both = weight_grad && bias_grad;
+      const float* ws1 = both ? ws_b.const_data_ptr<float>() : nullptr;
+      W* out1 = both ? grad_bias.mutable_data_ptr<W>() : nullptr;
+      const dim3 grid(checked_grid(ceil_div<int64_t>(N, 32)), both ? 2 : 1, 1);
+      norm_param_grad_reduce_kernel<W><<<grid, dim3(32, 32, 1), 0, stream>>>(ws0, out0, ws1, out1,
+                                                                              parts, N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmfast, CUDA, m) {
+  m.impl("norm_fwd", &norm_fwd_cuda);
+  m.impl("norm_bwd", &norm_bwd_cuda);
+}
+
+}  // namespace llmfast
