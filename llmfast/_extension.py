@@ -5,6 +5,8 @@ a machine without a compiler): then the `cpu` and `cuda` backends are simply una
 """
 import importlib
 
+import torch  # noqa: F401  (loads libc10/libtorch, which llmfast._C links against)
+
 _C = None
 load_error = None
 try:
