@@ -3,6 +3,7 @@
     import llmfast.functional as LF
     y = LF.layer_norm(x, (768,), weight, bias)            # as torch.nn.functional.layer_norm
     y, s = LF.add_layer_norm(x, residual, (768,), w, b)   # norm(x + residual), x + residual
+    loss = LF.cross_entropy(logits, target)               # as torch.nn.functional.cross_entropy
 
 The backend is chosen per call (see llmfast.use_backend); every backend computes what
 llmfast.reference computes.
@@ -15,9 +16,9 @@ from . import _checks
 from . import ops as _ops  # noqa: F401  (registers the custom ops)
 from . import reference as _reference
 from ._backend import resolve
-from ._errors import LlmfastTypeError, LlmfastValueError
+from ._errors import BackendUnavailableError, LlmfastTypeError, LlmfastValueError
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]
 
 
 # --- normalization ------------------------------------------------------------------------------
@@ -101,3 +102,185 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
 def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, bias=None):
     """Pre-norm block step in one pass: returns (rms_norm(input + residual), input + residual)."""
     return _norm("add_rms_norm", input, residual, normalized_shape, weight, bias, eps, rms=True)
+
+
+# --- cross-entropy ------------------------------------------------------------------------------
+_REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _number(fn, name, value, ok, expected):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+        raise LlmfastValueError(f"{fn}: {name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
+                  z_loss=0.0, softcap=None, inplace_backward=False):
+    """As torch.nn.functional.cross_entropy with class-index targets: logits (C,), (N, C) or
+    (N, C, d1, ...), target (), (N,) or (N, d1, ...); the same values and gradients for every
+    reduction, class weights, label smoothing and ignore_index.
+
+    Extras (keyword-only): `z_loss` adds z_loss * logsumexp(logits)^2 per non-ignored token
+    (weighted by its target-class weight like its NLL term); `softcap` replaces the logits by
+    softcap * tanh(logits / softcap) first; `inplace_backward=True` lets the kernels write the
+    gradient over the logits buffer (no (N, C) gradient allocation): the logits' contents are
+    then garbage after the forward, so use it only when nothing else needs them (torch's version
+    counter catches an autograd node that saved them). It only takes effect for a contiguous
+    2-D (N, C) input that needs a gradient; other inputs are copied to (N, C) first anyway.
+
+    The loss is returned in the input's dtype; it is accumulated in fp32 ('mean' divides by the
+    sum of the target weights of non-ignored tokens: NaN when all are ignored, as in torch). On
+    the CPU, a target outside [0, C) that is not ignore_index raises; the GPU kernels do not
+    check (that would synchronise) and treat such a token as ignored.
+    """
+    fn = "cross_entropy"
+    _checks.floating(fn, "input", input)
+    _checks.tensor(fn, "target", target)
+    if target.dtype.is_floating_point or target.dtype.is_complex:
+        raise LlmfastTypeError(
+            f"{fn}: target must hold class indices (an integer tensor); class-probability targets "
+            f"({target.dtype}) are not supported")
+    if target.dtype == torch.bool:
+        raise LlmfastTypeError(f"{fn}: target must be an integer tensor of class indices, got torch.bool")
+    _checks.same_device(fn, "target", target, "input", input)
+    if input.dim() == 0:
+        raise LlmfastValueError(f"{fn}: input must have at least 1 dimension (C,), got a 0-d tensor")
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() >= 2 else ()
+    if tuple(target.shape) != expected:
+        raise LlmfastValueError(
+            f"{fn}: target must have shape {expected} for input of shape {tuple(input.shape)} "
+            f"(the class dimension is dim {1 if input.dim() >= 2 else 0}), got {tuple(target.shape)}")
+    if n_classes < 1:
+        raise LlmfastValueError(f"{fn}: input must have at least one class, got shape {tuple(input.shape)}")
+    if weight is not None:
+        _checks.floating(fn, "weight", weight)
+        if tuple(weight.shape) != (n_classes,):
+            raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
+        _checks.same_device(fn, "weight", weight, "input", input)
+    if reduction not in _REDUCTION_CODES:
+        raise LlmfastValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
+    if softcap is not None:
+        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    if not isinstance(inplace_backward, bool):
+        raise LlmfastTypeError(f"{fn}: inplace_backward must be a bool, got {inplace_backward!r}")
+
+    backend = resolve("cross_entropy", input.device, input.dtype)
+    if backend == "reference":
+        return _reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                        z_loss=z_loss, softcap=softcap)
+
+    # Kernels work on (M, V) row-major logits and (M,) int64 targets.
+    if input.dim() == 1:
+        x2d, t1d = input.reshape(1, n_classes), target.reshape(1)
+    elif input.dim() == 2:
+        x2d, t1d = input, target
+    else:
+        x2d, t1d = input.movedim(1, -1).reshape(-1, n_classes), target.reshape(-1)
+    x2d = x2d.contiguous()
+    t1d = t1d.to(torch.int64).contiguous()
+    w1d = weight.contiguous() if weight is not None else None
+    code = _REDUCTION_CODES[reduction]
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    args = (x2d, t1d, w1d, code, ignore_index, label_smoothing, z_loss, softcap)
+
+    if backend == "triton":
+        fwd, inplace_fn = torch.ops.llmfast.triton_cross_entropy_fwd, _ops.cross_entropy.TritonInplaceFunction
+    else:
+        if _ops.cross_entropy.CppInplaceFunction is None:
+            raise BackendUnavailableError(
+                f"llmfast {fn}: backend {backend!r} is unavailable: llmfast._C was built without the "
+                f"cross_entropy ops (rebuild the extension)")
+        fwd, inplace_fn = torch.ops.llmfast.cross_entropy_fwd, _ops.cross_entropy.CppInplaceFunction
+    if inplace_backward and needs_grad:
+        loss = inplace_fn.apply(*args)
+    else:
+        loss, _, _ = fwd(*args, needs_grad)
+    if code == 0:
+        loss = loss.view(target.shape)
+    return loss.to(input.dtype)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None):
+    """cross_entropy(input @ weight.T + bias, target, ...) without materialising the logits:
+    input (..., D), weight (V, D) (the output projection, e.g. a tied embedding), target of
+    input's leading shape, bias (V,) or None. Options as cross_entropy (no class weights).
+
+    The tokens are processed `chunk_size` rows at a time (default: about 256 MiB of logits per
+    chunk, see llmfast.ops.cross_entropy.default_chunk_rows): one matmul makes a chunk's logits,
+    the cross-entropy kernel turns them into their gradient in place, two matmuls accumulate
+    grad_input and grad_weight (in weight's dtype). Extra memory: one chunk of logits plus an
+    fp32 (V,) bias-gradient accumulator; the logits of the matmul are rounded to input's dtype
+    (as torch.nn.functional.linear would). With reduction='none' backward recomputes each
+    chunk's logits (its per-row upstream gradient is only known then).
+    """
+    fn = "linear_cross_entropy"
+    _checks.floating(fn, "input", input)
+    _checks.floating(fn, "weight", weight)
+    _checks.tensor(fn, "target", target)
+    if input.dim() < 1:
+        raise LlmfastValueError(f"{fn}: input must have at least 1 dimension (..., D), got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise LlmfastValueError(
+            f"{fn}: weight must have shape (V, {input.shape[-1]}) (V classes, input's last dimension), "
+            f"got {tuple(weight.shape)}")
+    if weight.dtype != input.dtype:
+        raise LlmfastTypeError(f"{fn}: weight must have input's dtype {input.dtype}, got {weight.dtype}")
+    _checks.same_device(fn, "weight", weight, "input", input)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise LlmfastTypeError(f"{fn}: target must be an integer tensor of class indices, got {target.dtype}")
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise LlmfastValueError(f"{fn}: target must have shape {tuple(input.shape[:-1])} (input's leading "
+                                f"dimensions), got {tuple(target.shape)}")
+    _checks.same_device(fn, "target", target, "input", input)
+    V = weight.shape[0]
+    if V < 1:
+        raise LlmfastValueError(f"{fn}: weight must have at least one row (class), got shape {tuple(weight.shape)}")
+    if bias is not None:
+        _checks.floating(fn, "bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise LlmfastValueError(f"{fn}: bias must have shape ({V},), got {tuple(bias.shape)}")
+        if bias.dtype != input.dtype:
+            raise LlmfastTypeError(f"{fn}: bias must have input's dtype {input.dtype}, got {bias.dtype}")
+        _checks.same_device(fn, "bias", bias, "input", input)
+    if reduction not in _REDUCTION_CODES:
+        raise LlmfastValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
+    if softcap is not None:
+        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise LlmfastValueError(f"{fn}: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+    backend = resolve("cross_entropy", input.device, input.dtype)
+    if backend == "reference":
+        return _reference.linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index,
+                                               reduction=reduction, label_smoothing=label_smoothing,
+                                               z_loss=z_loss, softcap=softcap)
+    if backend == "triton":
+        ops = (torch.ops.llmfast.triton_cross_entropy_fwd, torch.ops.llmfast.triton_cross_entropy_fwd_inplace,
+               torch.ops.llmfast.triton_cross_entropy_scale_grad_)
+    else:
+        if _ops.cross_entropy.CppInplaceFunction is None:
+            raise BackendUnavailableError(
+                f"llmfast {fn}: backend {backend!r} is unavailable: llmfast._C was built without the "
+                f"cross_entropy ops (rebuild the extension)")
+        ops = (torch.ops.llmfast.cross_entropy_fwd, torch.ops.llmfast.cross_entropy_fwd_inplace,
+               torch.ops.llmfast.cross_entropy_scale_grad_)
+    D = input.shape[-1]
+    x2d = input.reshape(-1, D).contiguous()
+    t1d = target.reshape(-1).to(torch.int64).contiguous()
+    chunk = chunk_size or _ops.cross_entropy.default_chunk_rows(x2d.shape[0], V, input.element_size())
+    loss = _ops.cross_entropy.LinearCrossEntropyFunction.apply(
+        x2d, weight, t1d, bias, _REDUCTION_CODES[reduction], ignore_index, label_smoothing, z_loss, softcap,
+        chunk, *ops)
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    return loss.to(input.dtype)

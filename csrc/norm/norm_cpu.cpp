@@ -50,7 +50,7 @@
 #endif
 
 #if !defined(_OPENMP)
-#pragma message("llmfast norm_cpu.cpp: built without -fopenmp, CPU norm kernels run on one thread")
+#pragma message("norm_cpu.cpp built without -fopenmp: the CPU norm kernels will use one thread")
 #endif
 
 namespace llmfast {
@@ -430,10 +430,15 @@ void norm_bwd_rows_static(const BwdArgs<T>& a, int64_t begin, int64_t end, float
 // Picks the instantiation from which partial sums are wanted (dw / db null: not wanted).
 template <typename T>
 void norm_bwd_rows(const BwdArgs<T>& a, int64_t begin, int64_t end, float* dw, float* db) {
-  if (dw != nullptr && db != nullptr) return norm_bwd_rows_static<T, true, true>(a, begin, end, dw, db);
-  if (dw != nullptr) return norm_bwd_rows_static<T, true, false>(a, begin, end, dw, db);
-  if (db != nullptr) return norm_bwd_rows_static<T, false, true>(a, begin, end, dw, db);
-  norm_bwd_rows_static<T, false, false>(a, begin, end, dw, db);
+  if (dw != nullptr && db != nullptr) {
+    norm_bwd_rows_static<T, true, true>(a, begin, end, dw, db);
+  } else if (dw != nullptr) {
+    norm_bwd_rows_static<T, true, false>(a, begin, end, dw, db);
+  } else if (db != nullptr) {
+    norm_bwd_rows_static<T, false, true>(a, begin, end, dw, db);
+  } else {
+    norm_bwd_rows_static<T, false, false>(a, begin, end, dw, db);
+  }
 }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
@@ -578,13 +583,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
   if (M > 0 && N > 0) {
     const at::Tensor w = param_as_float(weight, N, 1.0f);
     const int64_t grain = rows_grain(N);
-    const int64_t n_chunks =
-        (weight_grad || bias_grad)
-            ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (M + grain - 1) / grain))
-            : 1;
+    const int64_t max_chunks = std::min<int64_t>(at::get_num_threads(), (M + grain - 1) / grain);
+    const int64_t n_chunks = (weight_grad || bias_grad) ? std::max<int64_t>(1, max_chunks) : 1;
     const int64_t rows_per_chunk = (M + n_chunks - 1) / n_chunks;
     const int64_t sums_per_chunk = (weight_grad ? N : 0) + (bias_grad ? N : 0);
-    at::Tensor partial = n_chunks > 1 ? at::zeros({n_chunks - 1, sums_per_chunk}, f32) : at::Tensor();
+    at::Tensor partial =
+        n_chunks > 1 ? at::zeros({n_chunks - 1, sums_per_chunk}, f32) : at::Tensor();
     // dW / dB destinations of chunk c (null: not wanted).
     auto chunk_sums = [&](int64_t c, float** dw, float** db) {
       if (c == 0) {
@@ -627,14 +631,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     });
 
     if (n_chunks > 1) {
+      float* dw0;
+      float* db0;
+      chunk_sums(0, &dw0, &db0);
       at::parallel_for(0, N, kMinElemsPerTask, [&](int64_t begin, int64_t end) {
         for (int64_t c = 1; c < n_chunks; ++c) {
           float* dw;
           float* db;
           chunk_sums(c, &dw, &db);
-          float* dw0;
-          float* db0;
-          chunk_sums(0, &dw0, &db0);
           if (dw != nullptr) {
             for (int64_t k = begin; k < end; ++k) dw0[k] += dw[k];
           }

@@ -2,6 +2,7 @@
 
 Tests, benchmarks and the `reference` backend all use these one definitions.
 """
+from .cross_entropy import cross_entropy, linear_cross_entropy
 from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]

@@ -1,0 +1,289 @@
+"""Registers the cross-entropy ops with torch.library.
+
+Two op families share one contract (see csrc/cross_entropy/cross_entropy_ops.cpp):
+  llmfast::cross_entropy_fwd / cross_entropy_fwd_inplace / cross_entropy_scale_grad_
+      C++ schemas; CPU and CUDA kernels in llmfast._C
+  llmfast::triton_cross_entropy_fwd / ..._fwd_inplace / ..._scale_grad_
+      Python custom ops around llmfast/triton/cross_entropy.py
+For each family this module registers the fake (meta) kernels used by torch.compile and the
+autograd formula of the forward op, so it traces under torch.compile(fullgraph=True) and passes
+opcheck (aot_dispatch with requires_grad excepted, see below). LinearCrossEntropyFunction, at the
+end, builds the fused linear + cross-entropy of llmfast.functional.linear_cross_entropy on the
+same ops.
+
+Autograd. The forward computes the gradient of its loss output in the same pass over the logits
+(for 'mean', with 1/sum(w[t]) folded in) and saves it; backward only multiplies it by the
+upstream gradient, row by row, in place in the saved buffer (cross_entropy_scale_grad_, which
+leaves rows whose factor is exactly 1 untouched: loss.backward() costs no extra pass). Because
+the saved buffer is scaled in place, a second backward through the same graph
+(retain_graph=True) is refused. lse and the gradient output are not differentiable, and the
+gradient output belongs to autograd: a caller of the raw op that backpropagates through the loss
+must not use it (backward rescales it; under torch.compile, using it as a graph output while
+backpropagating is rejected by AOTAutograd). llmfast.functional never returns it.
+
+inplace_backward: `cross_entropy_fwd_inplace` writes the gradient over the logits buffer (its
+schema declares the mutation); `CrossEntropyInplaceFunction` wraps it in an autograd.Function
+whose backward returns that buffer, scaled. The logits must then not be needed by anything else
+(torch's version counter reports a saved tensor that was overwritten).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _extension
+
+_TWICE = ("llmfast cross_entropy: backward ran twice through the same graph; the saved gradient is "
+          "scaled in place during the first backward, so retain_graph=True is not supported")
+
+
+def _loss_fake(logits, reduction):
+    return logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+
+
+def _fwd_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, compute_grad):
+    loss = _loss_fake(logits, reduction)
+    lse = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    grad = logits.new_empty(logits.shape if compute_grad else (0,))
+    return loss, lse, grad
+
+
+def _fwd_inplace_fake(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    return _loss_fake(logits, reduction), logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+def _scale_fake(grad_logits, grad_output):
+    return None
+
+
+def _register_autograd(fwd_op, scale_op):
+    def setup_context(ctx, inputs, output):
+        compute_grad = inputs[-1]
+        _, lse, grad = output
+        ctx.mark_non_differentiable(lse, grad)
+        ctx.compute_grad = compute_grad
+        ctx.backward_done = False
+        ctx.save_for_backward(grad)
+
+    def backward(ctx, grad_loss, _grad_lse, _grad_grad):
+        if not ctx.compute_grad:
+            raise RuntimeError(
+                "llmfast cross_entropy: the forward ran with compute_grad=False (no gradient was "
+                "computed); call it with compute_grad=True when logits need a gradient")
+        if ctx.backward_done:
+            raise RuntimeError(_TWICE)
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            scale_op(grad, grad_loss.to(torch.float32).contiguous())
+            grad_logits = grad
+        return grad_logits, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+def make_inplace_function(fwd_inplace_op, scale_op):
+    """autograd.Function for inplace_backward=True around a fwd_inplace op: forward overwrites
+    logits with the (unscaled) gradient and returns the loss; backward scales that buffer in
+    place and returns it."""
+
+    class CrossEntropyInplaceFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap):
+            loss, _ = fwd_inplace_op(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                     z_loss, softcap)
+            # C++ ops with a mutable argument do not bump the version counter themselves (Python
+            # custom ops do; one more bump is harmless): a node that saved the logits must see it.
+            torch.autograd.graph.increment_version(logits)
+            ctx.save_for_backward(logits)
+            ctx.backward_done = False
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            if ctx.backward_done:
+                raise RuntimeError(_TWICE)
+            ctx.backward_done = True
+            (grad,) = ctx.saved_tensors
+            scale_op(grad, grad_loss.to(torch.float32).contiguous())
+            return grad, None, None, None, None, None, None, None
+
+    return CrossEntropyInplaceFunction
+
+
+# --- C++ / CUDA kernels from llmfast._C ------------------------------------------------------
+CppInplaceFunction = None
+if _extension.has_extension and hasattr(torch.ops.llmfast, "cross_entropy_fwd"):
+    torch.library.register_fake("llmfast::cross_entropy_fwd")(_fwd_fake)
+    torch.library.register_fake("llmfast::cross_entropy_fwd_inplace")(_fwd_inplace_fake)
+    torch.library.register_fake("llmfast::cross_entropy_scale_grad_")(_scale_fake)
+    _register_autograd("llmfast::cross_entropy_fwd", torch.ops.llmfast.cross_entropy_scale_grad_.default)
+    CppInplaceFunction = make_inplace_function(torch.ops.llmfast.cross_entropy_fwd_inplace.default,
+                                               torch.ops.llmfast.cross_entropy_scale_grad_.default)
+
+
+# --- Triton kernels ---------------------------------------------------------------------------
+@torch.library.custom_op("llmfast::triton_cross_entropy_fwd", mutates_args=())
+def triton_cross_entropy_fwd(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: Optional[float], compute_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    from ..triton import cross_entropy as kernels
+
+    return kernels.cross_entropy_fwd(logits, target, weight, reduction, ignore_index, label_smoothing, z_loss,
+                                     softcap, compute_grad)
+
+
+@torch.library.custom_op("llmfast::triton_cross_entropy_fwd_inplace", mutates_args=("logits",))
+def triton_cross_entropy_fwd_inplace(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], reduction: int, ignore_index: int,
+    label_smoothing: float, z_loss: float, softcap: Optional[float],
+) -> Tuple[Tensor, Tensor]:
+    from ..triton import cross_entropy as kernels
+
+    return kernels.cross_entropy_fwd_inplace(logits, target, weight, reduction, ignore_index, label_smoothing,
+                                             z_loss, softcap)
+
+
+@torch.library.custom_op("llmfast::triton_cross_entropy_scale_grad_", mutates_args=("grad_logits",))
+def triton_cross_entropy_scale_grad_(grad_logits: Tensor, grad_output: Tensor) -> None:
+    from ..triton import cross_entropy as kernels
+
+    kernels.cross_entropy_scale_grad_(grad_logits, grad_output)
+
+
+triton_cross_entropy_fwd.register_fake(_fwd_fake)
+triton_cross_entropy_fwd_inplace.register_fake(_fwd_inplace_fake)
+triton_cross_entropy_scale_grad_.register_fake(_scale_fake)
+_register_autograd(triton_cross_entropy_fwd, triton_cross_entropy_scale_grad_)
+TritonInplaceFunction = make_inplace_function(triton_cross_entropy_fwd_inplace, triton_cross_entropy_scale_grad_)
+
+
+# --- fused linear + cross-entropy -------------------------------------------------------------
+def default_chunk_rows(n_rows, vocab, elt_size):
+    """Rows per chunk of linear_cross_entropy: a chunk of logits of about 256 MiB (1024 rows of
+    a 128K bf16 vocabulary), a multiple of 256 rows so the matmuls keep full tiles, at least
+    256 rows (matmul efficiency), never more than n_rows."""
+    rows = (1 << 28) // max(1, vocab * elt_size)
+    rows = max(256, rows // 256 * 256)
+    return max(1, min(n_rows, rows))
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss of (input @ weight.T + bias) without materialising the (M, V) logits.
+
+    The rows are processed in chunks of `chunk` rows: a chunk's logits come from one matmul
+    (cuBLAS through torch), the cross-entropy kernel overwrites them with their gradient
+    (cross_entropy_fwd_inplace, 'sum' reduction), and two more matmuls turn that into the
+    chunk's share of grad_input and grad_weight (accumulated in weight's dtype with addmm_, as
+    Liger-Kernel does) and grad_bias (fp32). For 'mean' the 1 / (non-ignored count) factor is
+    applied to the chunk of input (and to grad_input), small tensors, never to the logits.
+    For 'mean' / 'sum' this happens in the forward (the upstream gradient is a scalar that
+    backward applies with the scale op, free when it is 1); for 'none' the upstream gradient
+    differs per row, so the forward only computes the losses and backward recomputes each
+    chunk's logits (one extra matmul per chunk) and scales its rows before the matmuls.
+
+    Extra memory beyond the gradients themselves: one chunk of logits (chunk x V, input dtype)
+    and an fp32 (V,) bias-gradient accumulator.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
+                chunk, fwd_op, fwd_inplace_op, scale_op):
+        M = input.shape[0]
+        V = weight.shape[0]
+        opts = (ignore_index, label_smoothing, z_loss, softcap)
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
+        eager_grads = reduction != 0 and (need_x or need_w or need_b)
+        valid = (target != ignore_index) & (target >= 0) & (target < V)
+        if reduction == 1:
+            count = valid.sum(dtype=torch.float32)
+            inv_count = 1.0 / count  # the loss is NaN when every target is ignored, as torch's
+            grad_factor = torch.where(count > 0, inv_count, torch.zeros_like(inv_count))  # zero gradients then
+        else:
+            inv_count = grad_factor = None
+
+        grad_x = torch.empty_like(input) if eager_grads and need_x else None
+        grad_w = weight.new_zeros(weight.shape) if eager_grads and need_w else None
+        grad_b = torch.zeros((V,), dtype=torch.float32, device=input.device) if eager_grads and need_b else None
+        losses = []
+        for start in range(0, M, chunk):
+            x_c = input[start:start + chunk]
+            t_c = target[start:start + chunk]
+            logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
+            if not eager_grads:
+                loss_c, _, _ = fwd_op(logits, t_c, None, 0 if reduction == 0 else 2, *opts, False)
+                losses.append(loss_c)
+                continue
+            loss_c, _ = fwd_inplace_op(logits, t_c, None, 2, *opts)  # logits now hold d loss_sum / d logits
+            losses.append(loss_c)
+            if grad_factor is not None:
+                x_c = x_c * grad_factor.to(x_c.dtype)
+            if need_x:
+                torch.mm(logits, weight, out=grad_x[start:start + chunk])
+                if grad_factor is not None:
+                    grad_x[start:start + chunk].mul_(grad_factor.to(grad_x.dtype))
+            if need_w:
+                grad_w.addmm_(logits.t(), x_c)
+            if need_b:
+                grad_b += logits.sum(0, dtype=torch.float32) * (grad_factor if grad_factor is not None else 1.0)
+            del logits
+
+        if reduction == 0:
+            loss = torch.cat(losses) if losses else input.new_empty((0,), dtype=torch.float32)
+        else:
+            loss = torch.stack(losses).sum() if losses else input.new_zeros((), dtype=torch.float32)
+            if inv_count is not None:
+                loss = loss * inv_count
+        ctx.reduction = reduction
+        ctx.opts = opts
+        ctx.chunk = chunk
+        ctx.ops = (fwd_inplace_op, scale_op)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.backward_done = False
+        if eager_grads:
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
+        else:
+            ctx.save_for_backward(input, weight, target, bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.backward_done:
+            raise RuntimeError(_TWICE)
+        ctx.backward_done = True
+        fwd_inplace_op, scale_op = ctx.ops
+        grad_loss = grad_loss.to(torch.float32).contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[3]
+        if ctx.reduction != 0:
+            grad_x, grad_w, grad_b = ctx.saved_tensors
+            for g in (grad_x, grad_w):
+                if g is not None:
+                    scale_op(g, grad_loss.reshape(1))
+            if grad_b is not None:
+                grad_b = grad_b * grad_loss
+        else:
+            input, weight, target, bias = ctx.saved_tensors
+            M = input.shape[0]
+            grad_x = torch.empty_like(input) if need_x else None
+            grad_w = weight.new_zeros(weight.shape) if need_w else None
+            grad_b = torch.zeros((weight.shape[0],), dtype=torch.float32, device=input.device) if need_b else None
+            for start in range(0, M, ctx.chunk):
+                x_c = input[start:start + ctx.chunk]
+                logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
+                fwd_inplace_op(logits, target[start:start + ctx.chunk], None, 0, *ctx.opts)
+                scale_op(logits, grad_loss[start:start + ctx.chunk])
+                if need_x:
+                    torch.mm(logits, weight, out=grad_x[start:start + ctx.chunk])
+                if need_w:
+                    grad_w.addmm_(logits.t(), x_c)
+                if need_b:
+                    grad_b += logits.sum(0, dtype=torch.float32)
+                del logits
+        if grad_b is not None:
+            grad_b = grad_b.to(ctx.bias_dtype)
+        return (grad_x if need_x else None, grad_w if need_w else None, None, grad_b if need_b else None,
+                None, None, None, None, None, None, None, None, None)

@@ -1,0 +1,96 @@
+"""Reference cross-entropy over class-index targets, in plain PyTorch.
+
+`cross_entropy` has the semantics of torch.nn.functional.cross_entropy for logits of shape
+(C,), (N, C) or (N, C, d1, ...) and integer class targets, plus two extras used by LLM
+training:
+
+  softcap  logits are replaced by softcap * tanh(logits / softcap) before anything else
+           (Gemma-2 style logit soft-capping);
+  z_loss   each non-ignored token adds z_loss * logsumexp(logits)^2 to its loss (PaLM's
+           auxiliary z-loss). The term is weighted by the token's target-class weight, exactly
+           like its negative log-likelihood, so the 'mean' reduction (which divides by the sum
+           of the target weights) stays a weighted mean. Without class weights that is the plain
+           mean of z_loss * lse^2 over non-ignored tokens. (Liger-Kernel leaves its z-loss
+           unweighted; the two agree whenever no class weights are given.)
+
+Per token i with target t, class weights w (ones if None), C classes, smoothing eps and
+lse = logsumexp(x_i):
+
+  loss_i = (1 - eps) * w[t] * (lse - x_i[t])
+         + eps / C * sum_c w[c] * (lse - x_i[c])
+         + z_loss * w[t] * lse^2
+
+and loss_i = 0 for tokens whose target equals ignore_index. Reductions as torch: 'none'
+(per-token, shaped like target), 'sum', 'mean' = sum / sum_{non-ignored i} w[t_i] (NaN when
+every target is ignored, as in torch).
+
+Computed in float32 (float64 for float64 input), returned in the input's dtype. Targets out of
+[0, C) that are not ignore_index raise (torch's indexing error on the CPU).
+"""
+import torch
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    acc = _acc_dtype(input.dtype)
+    x = input.to(acc)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+
+    # Class dimension last, tokens flattened: (M, C) logits, (M,) targets.
+    n_classes = x.shape[1] if x.dim() >= 2 else x.shape[0]
+    x2 = (x.movedim(1, -1) if x.dim() >= 2 else x).reshape(-1, n_classes)
+    t = target.reshape(-1)
+
+    lse = torch.logsumexp(x2, dim=-1)
+    logp = x2 - lse[:, None]
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    zero = torch.zeros((), dtype=acc, device=x.device)
+
+    if weight is not None:
+        w = weight.to(acc)
+        w_t = torch.where(valid, w[t_safe], zero)
+    else:
+        w = None
+        w_t = valid.to(acc)
+
+    logp_t = logp.gather(1, t_safe[:, None]).squeeze(1)
+    per_token = torch.where(valid, -logp_t * w_t, zero)
+    if label_smoothing > 0:
+        smooth = -(logp * w).sum(-1) if w is not None else -logp.sum(-1)
+        per_token = (1 - label_smoothing) * per_token + torch.where(valid, smooth, zero) * (label_smoothing / n_classes)
+    if z_loss != 0:
+        per_token = per_token + torch.where(valid, z_loss * w_t * lse.square(), zero)
+
+    if reduction == "none":
+        out = per_token.reshape(target.shape)
+    elif reduction == "sum":
+        out = per_token.sum()
+    else:
+        out = per_token.sum() / w_t.sum()
+    return out.to(input.dtype)
+
+
+def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """cross_entropy(input @ weight.T + bias, target, ...) over the last dimension of `input`
+    (..., D), with `weight` (V, D) the output projection; target has input's leading shape.
+    The logits are computed in float32 (float64 for float64 input) and not rounded to the input
+    dtype. No class weights: `weight` is the projection."""
+    acc = _acc_dtype(input.dtype)
+    logits = torch.nn.functional.linear(input.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None)
+    logits = logits.reshape(-1, weight.shape[0])
+    loss = cross_entropy(logits, target.reshape(-1), None, ignore_index, reduction, label_smoothing,
+                         z_loss=z_loss, softcap=softcap)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    return loss.to(input.dtype)
