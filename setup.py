@@ -66,7 +66,10 @@ def _want_cuda():
 cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
-cxx_flags = ["-O3"]  # torch picks the C++ standard its headers need (C++17 or C++20)
+# torch picks the C++ standard its headers need (C++17 or C++20). ATen's at::parallel_for only
+# runs on several threads in code compiled with OpenMP.
+cxx_flags = ["-O3", "-fopenmp"]
+link_flags = ["-fopenmp"]
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if _want_cuda():
@@ -76,6 +79,7 @@ if _want_cuda():
         sources=cpp_sources + cuda_sources,
         include_dirs=include_dirs,
         define_macros=[("LLMFAST_WITH_CUDA", "1")],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": [
@@ -97,6 +101,7 @@ else:
         sources=cpp_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(

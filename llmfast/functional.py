@@ -23,41 +23,47 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_en
 
 # --- normalization ------------------------------------------------------------------------------
 def _check_param(fn, name, param, normalized_shape, input):
-    if param is None:
-        return
-    _checks.floating(fn, name, param)
-    if tuple(param.shape) != normalized_shape:
+    if not isinstance(param, torch.Tensor):
+        _checks.tensor(fn, name, param)
+    if param.shape != normalized_shape:
         raise LlmfastValueError(
-            f"{fn}: {name} must have shape {normalized_shape} (normalized_shape), got {tuple(param.shape)}"
+            f"{fn}: {name} must have shape {tuple(normalized_shape)} (normalized_shape), got {tuple(param.shape)}"
         )
-    _checks.same_device(fn, name, param, "input", input)
-    if param.dtype != input.dtype and param.dtype != torch.float32:
-        raise LlmfastTypeError(
-            f"{fn}: {name} must have input's dtype ({input.dtype}) or float32, got {param.dtype}"
-        )
+    if param.dtype is not input.dtype and param.dtype is not torch.float32:
+        _checks.floating(fn, name, param)
+        raise LlmfastTypeError(f"{fn}: {name} must have input's dtype ({input.dtype}) or float32, got {param.dtype}")
+    if param.device != input.device:
+        _checks.same_device(fn, name, param, "input", input)
 
 
 def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
-    """Validates the arguments, then runs the chosen backend. Returns (out, input + residual)."""
-    _checks.floating(fn, "input", input)
-    normalized_shape = _checks.shape_tuple(fn, "normalized_shape", normalized_shape)
+    """Validates the arguments, then runs the chosen backend. Returns (out, input + residual).
+    The checks are ordered so the common, valid call pays for few of them (this runs on every
+    call of every norm layer)."""
+    if not isinstance(input, torch.Tensor) or input.dtype not in _checks.FLOATING:
+        _checks.floating(fn, "input", input)
+    if type(normalized_shape) is not tuple:
+        normalized_shape = _checks.shape_tuple(fn, "normalized_shape", normalized_shape)
+    shape = input.shape
     k = len(normalized_shape)
-    if k == 0 or tuple(input.shape[input.dim() - k:]) != normalized_shape or input.dim() < k:
+    if k == 0 or len(shape) < k or shape[len(shape) - k:] != normalized_shape:
         raise LlmfastValueError(
             f"{fn}: normalized_shape {normalized_shape} must equal the last {k} dimension(s) of input, "
-            f"whose shape is {tuple(input.shape)}"
+            f"whose shape is {tuple(shape)}"
         )
     if residual is not None:
         _checks.tensor(fn, "residual", residual)
-        if residual.shape != input.shape:
-            raise LlmfastValueError(f"{fn}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+        if residual.shape != shape:
+            raise LlmfastValueError(f"{fn}: residual must have input's shape {tuple(shape)}, got {tuple(residual.shape)}")
         if residual.dtype != input.dtype:
             raise LlmfastTypeError(f"{fn}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
         _checks.same_device(fn, "residual", residual, "input", input)
-    _check_param(fn, "weight", weight, normalized_shape, input)
-    _check_param(fn, "bias", bias, normalized_shape, input)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise LlmfastTypeError(f"{fn}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    if weight is not None:
+        _check_param(fn, "weight", weight, normalized_shape, input)
+    if bias is not None:
+        _check_param(fn, "bias", bias, normalized_shape, input)
+        if weight is not None and weight.dtype != bias.dtype:
+            raise LlmfastTypeError(f"{fn}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     if not isinstance(eps, (int, float)) or not eps >= 0:
@@ -72,15 +78,20 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
         return _reference.add_layer_norm(input, residual, normalized_shape, weight, bias, eps) if residual is not None \
             else (_reference.layer_norm(input, normalized_shape, weight, bias, eps), None)
 
-    n = math.prod(normalized_shape)
-    x2d = input.reshape(-1, n).contiguous()
+    n = normalized_shape[0] if k == 1 else math.prod(normalized_shape)
+    x2d = input.reshape(-1, n)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
     r2d = residual.reshape(-1, n).contiguous() if residual is not None else None
-    w1d = weight.reshape(n).contiguous() if weight is not None else None
-    b1d = bias.reshape(n).contiguous() if bias is not None else None
-    op = torch.ops.llmfast.triton_norm_fwd if backend == "triton" else torch.ops.llmfast.norm_fwd
-    out, residual_out, _, _ = op(x2d, r2d, w1d, b1d, eps, rms)
-    out = out.view(input.shape)
-    return out, (residual_out.view(input.shape) if residual is not None else None)
+    w1d = weight if weight is None or k == 1 else weight.reshape(n)
+    b1d = bias if bias is None or k == 1 else bias.reshape(n)
+    if w1d is not None and not w1d.is_contiguous():
+        w1d = w1d.contiguous()
+    if b1d is not None and not b1d.is_contiguous():
+        b1d = b1d.contiguous()
+    out, residual_out = _ops.norm.norm_forward(backend, x2d, r2d, w1d, b1d, eps, rms)
+    out = out.view(shape)
+    return out, (residual_out.view(shape) if residual is not None else None)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):

@@ -2,10 +2,12 @@
 reference (values and all gradients), bad input, opcheck, torch.compile and the nn modules.
 
 Shape grid: 1 (degenerate row), 97 and 1025 (not multiples of any vector width or block),
-1000 (even but not a power of two), 4096 (the common aligned fast path), 65536 (the largest
-in-register row), 70000 (past it: the looped path), leading batch dims, and empty tensors.
+1000 (even but not a power of two), 4096 (the common aligned fast path), 65536 (the widest row
+the tuned paths target: Hopper clusters in CUDA, looped chunks in Triton), 70000 and 131075
+(past every register path, unaligned), leading batch dims, and empty tensors.
 """
 import math
+import zlib
 
 import pytest
 import torch
@@ -103,7 +105,7 @@ def _check_against_reference(backend, device, shape, dtype, variant, param_dtype
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_matches_reference(device, backend, dtype, shape, variant, poison):
-    torch.manual_seed(hash((shape, variant[0])) % 2**31)
+    torch.manual_seed(zlib.crc32(repr((shape, variant[0], str(dtype))).encode()))
     _check_against_reference(backend, device, shape, dtype, variant)
 
 

@@ -9,8 +9,8 @@
 // Isa::kLanes interleaved fp32 accumulators, which lets the compiler vectorize them without
 // -ffast-math and keeps each partial sum short. Weights/bias are widened to fp32 once.
 // Backward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w (RMSNorm drops the
-// mean(g) term); dW/dB partial sums go to one fp32 buffer per row chunk (one chunk per thread),
-// reduced afterwards in chunk order, so results are deterministic for a given thread count.
+// mean(g) term); dW/dB are summed in fp32, one partial row per row chunk (one chunk per
+// thread), folded in chunk order afterwards: deterministic for a given thread count.
 //
 // The row kernels are plain loops compiled twice: for the baseline ISA and, on x86, for
 // AVX2+FMA+F16C (256-bit vectors, hardware fp16 conversion), chosen at run time. The two builds

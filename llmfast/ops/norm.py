@@ -32,7 +32,29 @@ def _bwd_fake(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms
     return grad_input, grad_weight, grad_bias
 
 
+def _backward(bwd_op, saved, rms, has_residual, weight_grad, bias_grad, grad_out, grad_residual_out):
+    """Shared by the registered autograd formula and NormFunction: runs the backward kernel and
+    returns (grad_input, grad_residual, grad_weight, grad_bias)."""
+    normed_input, weight, mean, rstd = saved
+    if grad_out is None:
+        grad_out = torch.zeros_like(normed_input)
+    if not has_residual:
+        grad_residual_out = None
+    elif grad_residual_out is not None:
+        grad_residual_out = grad_residual_out.contiguous()
+    grad_input, grad_weight, grad_bias = bwd_op(
+        grad_out.contiguous(), grad_residual_out, normed_input, weight, mean, rstd, rms, weight_grad, bias_grad,
+    )
+    return (
+        grad_input,
+        grad_input if has_residual else None,
+        grad_weight if weight_grad else None,
+        grad_bias if bias_grad else None,
+    )
+
+
 def _register_autograd(fwd_op, bwd_op):
+    """The autograd formula seen by torch.compile (AOTAutograd) and opcheck."""
     def setup_context(ctx, inputs, output):
         input, residual, weight, bias, eps, rms = inputs
         _, residual_out, mean, rstd = output
@@ -43,29 +65,65 @@ def _register_autograd(fwd_op, bwd_op):
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
-        normed_input, weight, mean, rstd = ctx.saved_tensors
-        weight_grad = weight is not None and ctx.needs_input_grad[2]
+        saved = ctx.saved_tensors
+        weight_grad = saved[1] is not None and ctx.needs_input_grad[2]
         bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
-        if grad_out is None:
-            grad_out = torch.zeros_like(normed_input)
-        if not ctx.has_residual:
-            grad_residual_out = None
-        elif grad_residual_out is not None:
-            grad_residual_out = grad_residual_out.contiguous()
-        grad_input, grad_weight, grad_bias = bwd_op(
-            grad_out.contiguous(), grad_residual_out, normed_input, weight, mean, rstd,
-            ctx.rms, weight_grad, bias_grad,
-        )
-        return (
-            grad_input,
-            grad_input if ctx.has_residual else None,
-            grad_weight if weight_grad else None,
-            grad_bias if bias_grad else None,
-            None,
-            None,
-        )
+        grads = _backward(bwd_op, saved, ctx.rms, ctx.has_residual, weight_grad, bias_grad, grad_out, grad_residual_out)
+        return (*grads, None, None)
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
+class NormFunction(torch.autograd.Function):
+    """Eager-mode autograd for a norm op pair, with the same formula as the registered one.
+
+    The generic autograd wrapper that torch.library builds around a custom op costs tens of
+    microseconds of Python per call; this Function calls the kernels straight below the
+    autograd dispatch key instead. llmfast.functional uses it in eager mode and the registered
+    formula under torch.compile (which never sees this class).
+    """
+
+    @staticmethod
+    def forward(ctx, fwd_op, bwd_op, input, residual, weight, bias, eps, rms):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out, residual_out, mean, rstd = fwd_op(input, residual, weight, bias, eps, rms)
+        normed_input = residual_out if residual is not None else input
+        ctx.save_for_backward(normed_input, weight, mean, rstd)
+        ctx.bwd_op, ctx.rms, ctx.has_residual = bwd_op, rms, residual is not None
+        ctx.weight_grad = weight is not None and ctx.needs_input_grad[4]
+        ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
+        if residual is None:
+            ctx.mark_non_differentiable(residual_out)
+        return out, residual_out
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_residual_out):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.rms, ctx.has_residual, ctx.weight_grad,
+                              ctx.bias_grad, grad_out, grad_residual_out)
+        return (None, None, *grads, None, None)
+
+
+def norm_forward(backend, input, residual, weight, bias, eps, rms):
+    """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
+    returns (out, residual_out), differentiable in eager mode and under torch.compile."""
+    if backend == "triton":
+        fwd_op, bwd_op = torch.ops.llmfast.triton_norm_fwd.default, torch.ops.llmfast.triton_norm_bwd.default
+    else:
+        fwd_op, bwd_op = torch.ops.llmfast.norm_fwd.default, torch.ops.llmfast.norm_bwd.default
+    if torch.compiler.is_compiling():
+        out, residual_out, _, _ = fwd_op(input, residual, weight, bias, eps, rms)
+        return out, residual_out
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (residual is not None and residual.requires_grad)
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return NormFunction.apply(fwd_op, bwd_op, input, residual, weight, bias, eps, rms)
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        out, residual_out, _, _ = fwd_op(input, residual, weight, bias, eps, rms)
+    return out, residual_out
 
 
 # --- C++ / CUDA kernels from llmfast._C ------------------------------------------------------
