@@ -107,13 +107,19 @@ class NormFunction(torch.autograd.Function):
 def norm_forward(backend, input, residual, weight, bias, eps, rms):
     """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
     returns (out, residual_out), differentiable in eager mode and under torch.compile."""
-    if backend == "triton":
-        fwd_op, bwd_op = torch.ops.llmfast.triton_norm_fwd.default, torch.ops.llmfast.triton_norm_bwd.default
-    else:
-        fwd_op, bwd_op = torch.ops.llmfast.norm_fwd.default, torch.ops.llmfast.norm_bwd.default
     if torch.compiler.is_compiling():
+        # Traced: the custom ops, with their fake kernels and registered autograd.
+        fwd_op = torch.ops.llmfast.triton_norm_fwd if backend == "triton" else torch.ops.llmfast.norm_fwd
         out, residual_out, _, _ = fwd_op(input, residual, weight, bias, eps, rms)
         return out, residual_out
+    if backend == "triton":
+        # Eager: the kernel launchers themselves; a Python custom op's trip through the
+        # dispatcher would add tens of microseconds per call.
+        from ..triton import norm as kernels
+
+        fwd_op, bwd_op = kernels.norm_fwd, kernels.norm_bwd
+    else:
+        fwd_op, bwd_op = torch.ops.llmfast.norm_fwd.default, torch.ops.llmfast.norm_bwd.default
     if torch.is_grad_enabled() and (
         input.requires_grad
         or (residual is not None and residual.requires_grad)
