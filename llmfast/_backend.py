@@ -25,7 +25,11 @@ from ._errors import BackendUnavailableError
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
-# The auto choice for CUDA tensors, per op, from the H100 benchmark results.
+# The auto choice for CUDA tensors, per op. Both entries are provisional until one H100 run
+# measures the two backends side by side (benchmarks/results/): the first run lost the cuda
+# backend to an import bug. Reasoning meanwhile: the C++ op launches in a few microseconds where
+# a Triton launch costs tens, and the per-shape kernel timings taken while the kernels were
+# written were close between the two.
 AUTO_CUDA = {
     "norm": "cuda",
     # Provisional: the CUDA kernel reads each row once (cluster-split rows on Hopper) where the
