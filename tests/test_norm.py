@@ -295,3 +295,26 @@ def test_nn_modules_are_drop_in(device):
         ours.load_state_dict(theirs.state_dict())
         x = torch.randn(3, 5, *theirs.normalized_shape, device=device)
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if "cpu" in llmfast.available_backends() or d == "cuda"])
+def test_op_level_checks_name_the_argument(device):
+    """The C++ launchers check their arguments too, for callers of torch.ops.llmfast directly."""
+    if (device == "cpu" and "cpu" not in llmfast.available_backends()) or (
+            device == "cuda" and "cuda" not in llmfast.available_backends()):
+        pytest.skip("extension op not available for this device")
+    fwd, bwd = torch.ops.llmfast.norm_fwd, torch.ops.llmfast.norm_bwd
+    x = torch.randn(4, 8, device=device)
+    cases = [
+        (lambda: fwd(x, None, torch.randn(7, device=device), None, 1e-5, False), "weight"),
+        (lambda: fwd(x, torch.randn(4, 7, device=device), None, None, 1e-5, False), "residual"),
+        (lambda: fwd(x.t(), None, None, None, 1e-5, False), "input"),
+        (lambda: fwd(x, None, None, torch.randn(8, device=device).half(), 1e-5, False), "bias"),
+        (lambda: bwd(x, None, x, None, torch.randn(3, device=device), torch.randn(4, device=device),
+                     False, False, False), "mean"),
+        (lambda: bwd(x, None, x, None, torch.randn(4, device=device), torch.randn(4, device=device),
+                     False, True, False), "weight"),
+    ]
+    for call, name in cases:
+        with pytest.raises(RuntimeError, match=name):
+            call()

@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "norm/norm_checks.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define LLMFAST_NORM_X86 1
@@ -56,8 +57,6 @@
 namespace llmfast {
 namespace {
 
-constexpr const char* kFwd = "llmfast::norm_fwd";
-constexpr const char* kBwd = "llmfast::norm_bwd";
 
 // Rows per parallel task are chosen so that a task touches at least this many elements;
 // smaller problems run on the calling thread instead of paying for a thread wake-up.
@@ -441,51 +440,6 @@ void norm_bwd_rows(const BwdArgs<T>& a, int64_t begin, int64_t end, float* dw, f
   }
 }
 
-void check_cpu(const at::Tensor& t, const char* op, const char* name) {
-  LLMFAST_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got ", t.device());
-}
-
-// input-like (M, N) tensor: CPU, 2-D, contiguous, float32/float16/bfloat16.
-void check_matrix(const at::Tensor& t, const char* op, const char* name) {
-  check_cpu(t, op, name);
-  LLMFAST_CHECK(t.dim() == 2, op, name, " must be 2-D (M, N), got shape ", t.sizes());
-  check_floating(t, op, name);
-  check_contiguous(t, op, name);
-}
-
-// Another (M, N) tensor that must match `ref` (named ref_name) in shape and dtype.
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                const char* ref_name) {
-  check_cpu(t, op, name);
-  LLMFAST_CHECK(t.sizes() == ref.sizes(), op, name, " must have the shape of ", ref_name, " ",
-                ref.sizes(), ", got ", t.sizes());
-  LLMFAST_CHECK(t.scalar_type() == ref.scalar_type(), op, name, " must have the dtype of ",
-                ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
-  check_contiguous(t, op, name);
-}
-
-// weight / bias: CPU, (N,), contiguous, dtype of the input or float32.
-void check_param(const at::Tensor& t, int64_t N, at::ScalarType input_dtype, const char* op,
-                 const char* name) {
-  check_cpu(t, op, name);
-  LLMFAST_CHECK(t.dim() == 1, op, name, " must be 1-D, got shape ", t.sizes());
-  LLMFAST_CHECK(t.numel() == N, op, name, " must have ", N, " elements, got ", t.numel());
-  LLMFAST_CHECK(t.scalar_type() == input_dtype || t.scalar_type() == at::kFloat, op, name,
-                " must have the input's dtype (", input_dtype, ") or float32, got ",
-                t.scalar_type());
-  check_contiguous(t, op, name);
-}
-
-// Per-row statistic: CPU, float32, (M,), contiguous.
-void check_stat(const at::Tensor& t, int64_t M, const char* op, const char* name) {
-  check_cpu(t, op, name);
-  LLMFAST_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ",
-                t.scalar_type());
-  LLMFAST_CHECK(t.dim() == 1 && t.size(0) == M, op, name, " must have shape (", M, ",), got ",
-                t.sizes());
-  check_contiguous(t, op, name);
-}
-
 // A parameter as an (N,) fp32 tensor; `fill` stands in when it is absent.
 at::Tensor param_as_float(const std::optional<at::Tensor>& t, int64_t N, float fill) {
   if (t.has_value()) return t->to(at::kFloat).contiguous();
@@ -498,20 +452,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
     bool rms) {
-  check_matrix(input, kFwd, "input");
+  norm::check_fwd_args(input, residual, weight, bias, c10::DeviceType::CPU);
   const int64_t M = input.size(0);
   const int64_t N = input.size(1);
   const auto dtype = input.scalar_type();
-  if (residual.has_value()) check_like(*residual, input, kFwd, "residual", "input");
-  if (weight.has_value()) check_param(*weight, N, dtype, kFwd, "weight");
-  if (bias.has_value()) {
-    check_param(*bias, N, dtype, kFwd, "bias");
-    if (weight.has_value()) {
-      LLMFAST_CHECK(bias->scalar_type() == weight->scalar_type(), kFwd,
-                    "bias must have the dtype of weight (", weight->scalar_type(), "), got ",
-                    bias->scalar_type());
-    }
-  }
 
   const auto f32 = input.options().dtype(at::kFloat);
   at::Tensor out = at::empty({M, N}, input.options());
@@ -551,24 +495,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& normed_input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, bool rms, bool weight_grad, bool bias_grad) {
-  check_matrix(normed_input, kBwd, "normed_input");
+  norm::check_bwd_args(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms,
+                       weight_grad, c10::DeviceType::CPU);
   const int64_t M = normed_input.size(0);
   const int64_t N = normed_input.size(1);
   const auto dtype = normed_input.scalar_type();
-  check_like(grad_out, normed_input, kBwd, "grad_out", "normed_input");
-  if (grad_residual_out.has_value()) {
-    check_like(*grad_residual_out, normed_input, kBwd, "grad_residual_out", "normed_input");
-  }
-  if (weight.has_value()) check_param(*weight, N, dtype, kBwd, "weight");
-  LLMFAST_CHECK(!weight_grad || weight.has_value(), kBwd,
-                "weight_grad=True needs a weight, got None");
-  if (rms) {
-    // RMSNorm has no mean; the forward returns an empty one, which is not read.
-    check_cpu(mean, kBwd, "mean");
-  } else {
-    check_stat(mean, M, kBwd, "mean");
-  }
-  check_stat(rstd, M, kBwd, "rstd");
 
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : dtype;
   const auto param_opts = normed_input.options().dtype(param_dtype);

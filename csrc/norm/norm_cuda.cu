@@ -66,6 +66,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "norm/norm_checks.h"
 #include "common/cuda_utils.cuh"
 
 namespace llmfast {
@@ -855,70 +856,13 @@ unsigned checked_grid(int64_t blocks) {
   return static_cast<unsigned>(blocks);
 }
 
-void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  LLMFAST_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device());
-  check_same_device(t, ref, op, name);
-}
-
-// input-like (M, N) tensor: CUDA, 2-D, contiguous, float32/float16/bfloat16.
-void check_matrix(const at::Tensor& t, const char* op, const char* name) {
-  LLMFAST_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor, got ", t.device());
-  LLMFAST_CHECK(t.dim() == 2, op, name, " must be 2-D (M, N), got shape ", t.sizes());
-  check_floating(t, op, name);
-  check_contiguous(t, op, name);
-}
-
-// Another (M, N) tensor that must match `ref` (named ref_name) in device, shape and dtype.
-void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                const char* ref_name) {
-  check_cuda(t, ref, op, name);
-  LLMFAST_CHECK(t.sizes() == ref.sizes(), op, name, " must have the shape of ", ref_name, " ",
-                ref.sizes(), ", got ", t.sizes());
-  LLMFAST_CHECK(t.scalar_type() == ref.scalar_type(), op, name, " must have the dtype of ",
-                ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
-  check_contiguous(t, op, name);
-}
-
-// weight / bias: (N,), contiguous, dtype of the input or float32, on the input's device.
-void check_param(const at::Tensor& t, const at::Tensor& ref, int64_t N, const char* op,
-                 const char* name) {
-  check_cuda(t, ref, op, name);
-  LLMFAST_CHECK(t.dim() == 1, op, name, " must be 1-D, got shape ", t.sizes());
-  LLMFAST_CHECK(t.numel() == N, op, name, " must have ", N, " elements, got ", t.numel());
-  LLMFAST_CHECK(t.scalar_type() == ref.scalar_type() || t.scalar_type() == at::kFloat, op, name,
-                " must have the input's dtype (", ref.scalar_type(), ") or float32, got ",
-                t.scalar_type());
-  check_contiguous(t, op, name);
-}
-
-// Per-row statistic: float32, (M,), contiguous, on the input's device.
-void check_stat(const at::Tensor& t, const at::Tensor& ref, int64_t M, const char* op,
-                const char* name) {
-  check_cuda(t, ref, op, name);
-  LLMFAST_CHECK(t.scalar_type() == at::kFloat, op, name, " must be float32, got ",
-                t.scalar_type());
-  LLMFAST_CHECK(t.dim() == 1 && t.size(0) == M, op, name, " must have shape (", M, ",), got ",
-                t.sizes());
-  check_contiguous(t, op, name);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
     bool rms) {
-  check_matrix(input, kFwd, "input");
+  norm::check_fwd_args(input, residual, weight, bias, c10::DeviceType::CUDA);
   const int64_t M = input.size(0);
   const int64_t N = input.size(1);
-  if (residual.has_value()) check_like(*residual, input, kFwd, "residual", "input");
-  if (weight.has_value()) check_param(*weight, input, N, kFwd, "weight");
-  if (bias.has_value()) {
-    check_param(*bias, input, N, kFwd, "bias");
-    if (weight.has_value()) {
-      LLMFAST_CHECK(bias->scalar_type() == weight->scalar_type(), kFwd,
-                    "bias must have the dtype of weight (", weight->scalar_type(), "), got ",
-                    bias->scalar_type());
-    }
-  }
 
   const at::cuda::CUDAGuard guard(input.device());
   const auto f32 = input.options().dtype(at::kFloat);
@@ -995,23 +939,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& normed_input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& rstd, bool rms, bool weight_grad, bool bias_grad) {
-  check_matrix(normed_input, kBwd, "normed_input");
+  norm::check_bwd_args(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms,
+                       weight_grad, c10::DeviceType::CUDA);
   const int64_t M = normed_input.size(0);
   const int64_t N = normed_input.size(1);
-  check_like(grad_out, normed_input, kBwd, "grad_out", "normed_input");
-  if (grad_residual_out.has_value()) {
-    check_like(*grad_residual_out, normed_input, kBwd, "grad_residual_out", "normed_input");
-  }
-  if (weight.has_value()) check_param(*weight, normed_input, N, kBwd, "weight");
-  LLMFAST_CHECK(!weight_grad || weight.has_value(), kBwd,
-                "weight_grad=True needs a weight, got None");
-  if (rms) {
-    // RMSNorm has no mean; the forward returns an empty one, which is not read.
-    check_cuda(mean, normed_input, kBwd, "mean");
-  } else {
-    check_stat(mean, normed_input, M, kBwd, "mean");
-  }
-  check_stat(rstd, normed_input, M, kBwd, "rstd");
 
   const at::cuda::CUDAGuard guard(normed_input.device());
   const auto dtype = normed_input.scalar_type();

@@ -1,0 +1,369 @@
+"""Scaled dot-product attention: the Triton FlashAttention kernels against the reference, by the
+FlashAttention rule, for values and gradients (query, key, value and an additive mask); plus
+the reference against torch, dropout, layouts, bad input, opcheck and torch.compile.
+
+The FlashAttention rule: with gold = the reference in float64 and torch_err = the error of the
+same formula computed by PyTorch in the input's own precision (reference.attention with
+compute_dtype=dtype: fp16 matmuls and softmax), a kernel's max error must be at most
+2 * torch_err + a small atol (relative to the largest gold value).
+
+Shape grid, chosen to break lazy kernels in Triton's CPU interpreter (32 x 32 tiles there) while
+keeping B * H <= 4 and S <= 257 so the file runs in a few minutes: S = 1 (decoding), 17 (less
+than one tile), 128 (whole tiles), 257 (one element past whole tiles); D = 16, 40, 64, 72, 128
+(padded to 16, 64, 64, 128, 128 in the kernel: 40 and 72 exercise the head-dim masks) plus 256
+and Dv != D; causal with Sq > Sk and Sq < Sk (torch's top-left alignment); GQA and MQA;
+key-padding, general boolean and additive masks, with rows whose keys are all masked; sliding
+windows and softcap. The interpreter runs fp16 and fp32 (its bf16 tl.dot is wrong); GPU runs add
+bf16.
+"""
+import math
+import zlib
+
+import pytest
+import torch
+
+import llmfast
+import llmfast.functional as LF
+from conftest import DEVICES, backends_for
+from llmfast.reference.attention import attention as reference_attention
+
+KERNEL_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d) if b == "triton"]
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
+
+# atol of the FlashAttention rule, relative to max |gold|.
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+# (id, B, Hq, Hkv, Sq, Sk, D, Dv, is_causal, mask kind, window_size, softcap)
+CASES = [
+    ("decode_s1", 2, 2, 2, 1, 128, 64, 64, False, None, None, None),
+    ("s1_d16", 1, 2, 2, 1, 1, 16, 16, False, None, None, None),
+    ("s17_d40", 1, 2, 2, 17, 17, 40, 40, False, None, None, None),
+    ("s128_d64_causal", 1, 2, 2, 128, 128, 64, 64, True, None, None, None),
+    ("s257_d72", 1, 2, 2, 257, 257, 72, 72, False, None, None, None),
+    ("s257_d128_causal", 1, 1, 1, 257, 257, 128, 128, True, None, None, None),
+    ("causal_sq_gt_sk", 1, 2, 2, 257, 128, 64, 64, True, None, None, None),
+    ("causal_sq_lt_sk", 1, 2, 2, 17, 257, 40, 40, True, None, None, None),
+    ("gqa_causal", 1, 4, 2, 65, 97, 64, 64, True, None, None, None),
+    ("mqa", 1, 4, 1, 33, 47, 32, 32, False, None, None, None),
+    ("key_padding_dead_batch", 2, 2, 1, 48, 70, 64, 64, False, "key_padding", None, None),
+    ("bool_mask_dead_rows", 1, 2, 2, 40, 50, 16, 16, False, "bool", None, None),
+    ("additive_mask_grad", 1, 2, 2, 33, 65, 64, 64, False, "additive", None, None),
+    ("additive_inf_causal_gqa", 1, 2, 1, 70, 70, 40, 40, True, "additive_inf", None, None),
+    ("window", 1, 2, 2, 100, 120, 64, 64, False, None, (16, 8), None),
+    ("window_causal_softcap", 1, 2, 2, 90, 90, 72, 72, True, None, (20, -1), 5.0),
+    ("window_dead_rows", 1, 1, 1, 80, 40, 16, 16, False, None, (3, 0), None),
+    ("dv_ne_d", 1, 2, 2, 50, 60, 64, 32, False, None, None, None),
+    ("d256", 1, 1, 1, 40, 40, 256, 256, True, None, None, None),
+]
+
+
+def _mask(kind, B, Hq, Sq, Sk, dtype, device):
+    """A mask of `kind`, with rows whose keys are all masked for the *_dead / inf kinds."""
+    if kind is None:
+        return None
+    if kind == "key_padding":  # (B, 1, 1, Sk); batch 0 has no visible key at all
+        m = torch.rand(B, 1, 1, Sk, device=device) > 0.3
+        m[0] = False
+        return m
+    if kind == "bool":  # (B, Hq, Sq, Sk); query 3 of every head sees nothing
+        m = torch.rand(B, Hq, Sq, Sk, device=device) > 0.2
+        m[:, :, 3] = False
+        return m
+    if kind == "additive":  # (Sq, Sk) broadcast over batch and heads, needs a gradient
+        return (torch.randn(Sq, Sk, device=device) * 2).to(dtype).requires_grad_()
+    if kind == "additive_inf":  # (B, 1, Sq, Sk) with -inf entries and one fully -inf row
+        m = torch.randn(B, 1, Sq, Sk, device=device)
+        m[torch.rand_like(m) < 0.2] = float("-inf")
+        m[:, :, 5] = float("-inf")
+        return m.to(dtype).requires_grad_()
+    raise ValueError(kind)
+
+
+def _fa_rule(actual, gold, lowp, dtype, what):
+    assert actual.shape == gold.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(gold.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten element?)"
+    err = (actual.double() - gold).abs().max().item()
+    torch_err = (lowp.double() - gold).abs().max().item()
+    bound = 2 * torch_err + ATOL[dtype] * max(1.0, gold.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > 2 x torch's {torch_err:.3g} + atol = {bound:.3g}"
+
+
+def _check(device, backend, dtype, case, seed_text=None):
+    name, B, Hq, Hkv, Sq, Sk, D, Dv, causal, mask_kind, window, softcap = case
+    torch.manual_seed(zlib.crc32(repr((seed_text or name, str(dtype))).encode()))
+    q = torch.randn(B, Hq, Sq, D, device=device).to(dtype)
+    k = torch.randn(B, Hkv, Sk, D, device=device).to(dtype)
+    v = torch.randn(B, Hkv, Sk, Dv, device=device).to(dtype)
+    mask = _mask(mask_kind, B, Hq, Sq, Sk, dtype, device)
+    mask_grad = mask is not None and mask.dtype != torch.bool
+    kw = dict(is_causal=causal, enable_gqa=Hq != Hkv, window_size=window, softcap=softcap)
+    gout = torch.randn(B, Hq, Sq, Dv, device=device).to(dtype)
+
+    def leaves(cast):
+        ts = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
+        m = mask.detach().to(cast or mask.dtype).requires_grad_() if mask_grad else mask
+        return ts, m
+
+    def grads(out, ts, m):
+        wrt = ts + ([m] if mask_grad else [])
+        return torch.autograd.grad(out, wrt, gout.to(out.dtype))
+
+    (qg, kg, vg), mg = leaves(torch.float64)
+    gold, gold_lse = reference_attention(qg, kg, vg, mg, **kw)
+    gold_grads = grads(gold, [qg, kg, vg], mg)
+    (ql, kl, vl), ml = leaves(None)
+    lowp, _ = reference_attention(ql, kl, vl, ml, compute_dtype=dtype, **kw)
+    lowp_grads = grads(lowp, [ql, kl, vl], ml)
+
+    (qk, kk, vk), mk = leaves(None)
+    with llmfast.use_backend(backend):
+        out, lse = LF.scaled_dot_product_attention(qk, kk, vk, mk, return_lse=True, **kw)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    _fa_rule(out, gold, lowp, dtype, f"{name} out")
+    dead = torch.isneginf(gold_lse)
+    assert torch.equal(torch.isneginf(lse), dead), f"{name}: lse is -inf exactly for the fully masked rows"
+    torch.testing.assert_close(lse[~dead].double(), gold_lse[~dead], atol=1e-4, rtol=1e-4)
+    assert (out[dead] == 0).all(), f"{name}: fully masked rows must be 0"
+    kernel_grads = grads(out, [qk, kk, vk], mk)
+    for what, a, g, lo in zip(("dq", "dk", "dv", "dmask"), kernel_grads, gold_grads, lowp_grads):
+        _fa_rule(a, g, lo, dtype, f"{name} {what}")
+    assert (kernel_grads[0][dead] == 0).all(), f"{name}: fully masked rows get a zero dq"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_matches_reference(device, backend, dtype, case, poison):
+    _check(device, backend, dtype, case)
+
+
+@pytest.mark.parametrize("D", [16, 40, 64, 72, 128])
+@pytest.mark.parametrize("S", [1, 17, 128, 257])
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_sequence_by_head_dim_grid(device, backend, S, D, poison):
+    """The full S x D grid, one head, fp16, non-causal (the cases above cover the rest)."""
+    _check(device, backend, torch.float16, (f"grid_{S}_{D}", 1, 1, 1, S, S, D, D, False, None, None, None))
+
+
+# --- the reference itself ---------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_reference_matches_torch(device):
+    """Where torch's function is defined (no extras), the reference is torch's semantics:
+    causal top-left with Sq != Sk, bool / additive masks, GQA, scale, fully masked rows (torch
+    >= 2.5 gives zeros there too)."""
+    torch.manual_seed(3)
+    F = torch.nn.functional
+    for sq, sk in [(5, 9), (9, 5), (7, 7)]:
+        q = torch.randn(2, 4, sq, 16, device=device, dtype=torch.float64)
+        k = torch.randn(2, 2, sk, 16, device=device, dtype=torch.float64)
+        v = torch.randn(2, 2, sk, 8, device=device, dtype=torch.float64)
+        bool_mask = torch.rand(2, 1, sq, sk, device=device) > 0.3
+        bool_mask[1, 0, 2] = False
+        add_mask = torch.randn(sq, sk, device=device, dtype=torch.float64)
+        for kw in [dict(is_causal=True), dict(attn_mask=bool_mask), dict(attn_mask=add_mask, scale=0.3), {}]:
+            expected = F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+            actual = llmfast.reference.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+            torch.testing.assert_close(actual, expected, msg=lambda m: f"{sq}x{sk} {list(kw)}: {m}")
+
+
+def test_reference_extras():
+    """window_size (-1, 0) is is_causal; softcap caps the scores before the mask."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    ref = llmfast.reference.scaled_dot_product_attention
+    torch.testing.assert_close(ref(q, k, v, window_size=(-1, 0)), ref(q, k, v, is_causal=True))
+    torch.testing.assert_close(ref(q, k, v, window_size=(-1, -1)), ref(q, k, v))
+    capped = ref(q * 10, k, v, softcap=2.0)
+    s = 2.0 * torch.tanh((q * 10) @ k.transpose(-1, -2) / math.sqrt(8) / 2.0)
+    torch.testing.assert_close(capped, s.softmax(-1) @ v)
+    out, lse = ref(q, k, v, return_lse=True)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
+
+
+# --- dropout ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_dropout_replays_with_the_reference(device, backend):
+    """Recovers the kernel's dropout pattern (value = identity makes the output the dropped,
+    rescaled probabilities), then checks output and gradients against the reference with that
+    pattern, and the kept fraction."""
+    p, B, H, Sq, Sk, D = 0.25, 1, 2, 40, 48, 32
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(B, H, s, D, device=device) for s in (Sq, Sk, Sk))
+    eye = torch.eye(Sk, device=device).expand(B, H, Sk, Sk)
+    with llmfast.use_backend(backend):
+        torch.manual_seed(11)
+        probs = LF.scaled_dot_product_attention(q, k, eye, dropout_p=p, is_causal=True)
+        torch.manual_seed(11)
+        qk, kk, vk = (t.clone().requires_grad_() for t in (q, k, v))
+        out = LF.scaled_dot_product_attention(qk, kk, vk, dropout_p=p, is_causal=True)
+        torch.manual_seed(12)
+        other = LF.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+    keep = probs != 0
+    band = torch.ones(Sq, Sk, dtype=torch.bool, device=device).tril()
+    kept = keep[..., band].float().mean().item()
+    assert abs(kept - (1 - p)) < 0.05, f"kept fraction {kept:.3f}, expected {1 - p}"
+    assert not torch.allclose(out, other), "another seed must give another pattern"
+
+    ql, kl, vl = (t.double().requires_grad_() for t in (q, k, v))
+    gold, _ = reference_attention(ql, kl, vl, None, p, True, dropout_mask=keep)
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
+    gout = torch.randn_like(out)
+    for a, g in zip(torch.autograd.grad(out, (qk, kk, vk), gout),
+                    torch.autograd.grad(gold, (ql, kl, vl), gout.double())):
+        torch.testing.assert_close(a.double(), g, atol=1e-5, rtol=1e-5)
+
+
+# --- layouts and edge cases -------------------------------------------------------------------
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_non_contiguous_views_of_fused_qkv(device, backend, poison):
+    """q, k, v as views of one fused (B, S, 3 * H * D) projection (torch's strides for
+    x.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)), and a key whose head dim is not the
+    innermost (stride != 1)."""
+    torch.manual_seed(6)
+    B, S, H, D = 2, 37, 2, 40
+    qkv = torch.randn(B, S, 3 * H * D, device=device).half().requires_grad_()
+    q, k, v = qkv.view(B, S, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+    k_t = torch.randn(B, H, D, S, device=device).half().transpose(-1, -2).requires_grad_()
+    assert not q.is_contiguous() and k_t.stride(-1) != 1
+    for key in (k, k_t):
+        with llmfast.use_backend(backend):
+            out = LF.scaled_dot_product_attention(q, key, v, is_causal=True)
+        expected = llmfast.reference.scaled_dot_product_attention(q, key, v, is_causal=True)
+        torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (qkv, key), g)
+        want = torch.autograd.grad(expected, (qkv, key), g)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_other_ranks_and_empty(device, backend):
+    """(Hq, S, D) 3-D and (B, T, H, S, D) 5-D inputs; empty batch, Sq = 0 and Sk = 0."""
+    torch.manual_seed(7)
+    ref = llmfast.reference.scaled_dot_product_attention
+    with llmfast.use_backend(backend):
+        for shape in [(2, 9, 16), (2, 2, 1, 9, 16)]:
+            q, k, v = (torch.randn(shape, device=device) for _ in range(3))
+            torch.testing.assert_close(LF.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                       ref(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)
+        for qs, ks in [((0, 2, 5, 16), (0, 2, 5, 16)), ((1, 2, 0, 16), (1, 2, 5, 16)), ((1, 2, 5, 16), (1, 2, 0, 16))]:
+            q = torch.randn(qs, device=device, requires_grad=True)
+            k = torch.randn(ks, device=device, requires_grad=True)
+            v = torch.randn(ks, device=device, requires_grad=True)
+            out, lse = LF.scaled_dot_product_attention(q, k, v, return_lse=True)
+            assert out.shape == qs and (out == 0).all() and torch.isneginf(lse).all()
+            out.sum().backward()
+            assert q.grad.shape == qs and (q.grad == 0).all() and (k.grad == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_lse_gradient(device, backend):
+    """lse is differentiable (its gradient enters the backward through delta)."""
+    torch.manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 20, 16, device=device, requires_grad=True) for _ in range(3))
+    with llmfast.use_backend(backend):
+        out, lse = LF.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
+    got = torch.autograd.grad((out.square().sum() + (lse * lse).sum()), (q, k, v))
+    out_r, lse_r = llmfast.reference.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
+    want = torch.autograd.grad((out_r.square().sum() + (lse_r * lse_r).sum()), (q, k, v))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
+
+
+# --- backend choice and bad input -------------------------------------------------------------
+def test_backend_choice():
+    q = torch.randn(1, 2, 5, 16)
+    expected = llmfast.reference.scaled_dot_product_attention(q, q, q)
+    # auto on CPU tensors: no CPU attention kernel, so the reference path.
+    torch.testing.assert_close(LF.scaled_dot_product_attention(q, q, q), expected)
+    if "cpu" in llmfast.available_backends():
+        with llmfast.use_backend("cpu"), pytest.raises(llmfast.BackendUnavailableError, match="no attention kernels"):
+            LF.scaled_dot_product_attention(q, q, q)
+    big = torch.randn(1, 1, 3, 264)
+    torch.testing.assert_close(LF.scaled_dot_product_attention(big, big, big),
+                               llmfast.reference.scaled_dot_product_attention(big, big, big))
+    if KERNEL_PARAMS:
+        device = KERNEL_PARAMS[0].values[0]
+        big = big.to(device)
+        with llmfast.use_backend("triton"), pytest.raises(llmfast.BackendUnavailableError, match="query's head dim"):
+            LF.scaled_dot_product_attention(big, big, big)
+        with llmfast.use_backend("auto"):
+            LF.scaled_dot_product_attention(big, big, big)  # falls back to the reference
+
+
+def test_float64_uses_reference_path():
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: LF.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                    (q, k, v))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_bad_input_names_the_argument(device, backend):
+    q = torch.randn(1, 4, 5, 16, device=device)
+    k = torch.randn(1, 2, 7, 16, device=device)
+    cases = [
+        (lambda: LF.scaled_dot_product_attention(q, k, k), "enable_gqa"),
+        (lambda: LF.scaled_dot_product_attention(q, torch.randn(1, 3, 7, 16, device=device), k[:, :1].expand(1, 3, 7, 16),
+                                                 enable_gqa=True), "multiple"),
+        (lambda: LF.scaled_dot_product_attention(q, k[..., :8], k, enable_gqa=True), "key"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k[:, :, :6], enable_gqa=True), "value"),
+        (lambda: LF.scaled_dot_product_attention(q, k.half(), k, enable_gqa=True), "key"),
+        (lambda: LF.scaled_dot_product_attention(q.long(), k, k), "query"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, torch.ones(5, 6, device=device), enable_gqa=True), "attn_mask"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, torch.ones(5, 7, dtype=torch.int32, device=device),
+                                                 enable_gqa=True), "attn_mask"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, dropout_p=1.0, enable_gqa=True), "dropout_p"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, scale=float("nan"), enable_gqa=True), "scale"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, softcap=0.0, enable_gqa=True), "softcap"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=(-2, 3), enable_gqa=True), "window_size"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=4, enable_gqa=True), "window_size"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, is_causal=1, enable_gqa=True), "is_causal"),
+        (lambda: LF.scaled_dot_product_attention(q[0], k, k, enable_gqa=True), "key"),
+    ]
+    with llmfast.use_backend(backend):
+        for call, name in cases:
+            with pytest.raises((ValueError, TypeError, RuntimeError), match=name):
+                call()
+
+
+# --- torch.library: opcheck and torch.compile ---------------------------------------------------
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_opcheck(device, backend):
+    torch.manual_seed(9)
+    fwd, bwd = torch.ops.llmfast.triton_attention_fwd, torch.ops.llmfast.triton_attention_bwd
+    q = torch.randn(1, 2, 9, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 11, 16, device=device, requires_grad=True)
+    v = torch.randn(1, 1, 11, 8, device=device, requires_grad=True)
+    mask = torch.randn(9, 11, device=device).expand(1, 2, 9, 11).detach().requires_grad_()
+    seed = torch.tensor([3], dtype=torch.int64, device=device)
+    torch.library.opcheck(fwd, (q, k, v, mask, 0.25, -1, 0, 0.0, 0.0, None))
+    torch.library.opcheck(fwd, (q, k, v, None, 0.25, 4, -1, 3.0, 0.2, seed))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), mask.detach(), 0.25, -1, 0, 0.0, 0.0, None)
+    torch.library.opcheck(bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse,
+                                torch.randn_like(lse), mask.detach(), 0.25, -1, 0, 0.0, 0.0, None, True))
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+
+    def block(q, k, v, mask):
+        out = LF.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True, softcap=4.0)
+        out2, lse = LF.scaled_dot_product_attention(out, k, v, is_causal=True, enable_gqa=True, return_lse=True)
+        return out2 * 2 + lse[..., None]
+
+    torch.manual_seed(10)
+    q = torch.randn(1, 2, 19, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 23, 16, device=device, requires_grad=True)
+    v = torch.randn(1, 1, 23, 16, device=device, requires_grad=True)
+    mask = torch.randn(19, 23, device=device, requires_grad=True)
+    with llmfast.use_backend(backend):
+        eager = block(q, k, v, mask)
+        g_eager = torch.autograd.grad(eager.square().sum(), (q, k, v, mask))
+        compiled = torch.compile(block, fullgraph=True)(q, k, v, mask)
+        g_comp = torch.autograd.grad(compiled.square().sum(), (q, k, v, mask))
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    for a, e in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-4)
