@@ -35,6 +35,9 @@ AUTO_CUDA = {
     # Provisional: the CUDA kernel reads each row once (cluster-split rows on Hopper) where the
     # Triton kernel re-reads rows longer than 32768; to be confirmed by the H100 results.
     "cross_entropy": "cuda",
+    # Provisional: attention has no CUDA kernel yet (only triton and reference), so auto takes
+    # the Triton FlashAttention kernels until a CUDA one is written and measured against them.
+    "attention": "triton",
 }
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

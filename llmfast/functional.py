@@ -4,6 +4,7 @@
     y = LF.layer_norm(x, (768,), weight, bias)            # as torch.nn.functional.layer_norm
     y, s = LF.add_layer_norm(x, residual, (768,), w, b)   # norm(x + residual), x + residual
     loss = LF.cross_entropy(logits, target)               # as torch.nn.functional.cross_entropy
+    o = LF.scaled_dot_product_attention(q, k, v, is_causal=True)  # FlashAttention-style
 
 The backend is chosen per call (see llmfast.use_backend); every backend computes what
 llmfast.reference computes.
@@ -15,10 +16,12 @@ import torch
 from . import _checks
 from . import ops as _ops  # noqa: F401  (registers the custom ops)
 from . import reference as _reference
-from ._backend import resolve
+from .parallel import cross_entropy as _parallel_ce
+from ._backend import current_backend, resolve
 from ._errors import BackendUnavailableError, LlmfastTypeError, LlmfastValueError
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy",
+           "scaled_dot_product_attention"]
 
 
 # --- normalization ------------------------------------------------------------------------------
@@ -126,7 +129,7 @@ def _number(fn, name, value, ok, expected):
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                  z_loss=0.0, softcap=None, inplace_backward=False):
+                  z_loss=0.0, softcap=None, inplace_backward=False, process_group=None):
     """As torch.nn.functional.cross_entropy with class-index targets: logits (C,), (N, C) or
     (N, C, d1, ...), target (), (N,) or (N, d1, ...); the same values and gradients for every
     reduction, class weights, label smoothing and ignore_index.
@@ -143,6 +146,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     sum of the target weights of non-ignored tokens: NaN when all are ignored, as in torch). On
     the CPU, a target outside [0, C) that is not ignore_index raises; the GPU kernels do not
     check (that would synchronise) and treat such a token as ignored.
+
+    Vocabulary parallelism (`process_group`, a torch.distributed.ProcessGroup): `input` is this
+    rank's contiguous slice of the classes (rank r owns [offset_r, offset_r + C_r), slices in
+    rank order, uneven sizes allowed), target holds global class ids and `weight` the full (C,)
+    class weights, both the same on every rank; every rank returns the loss of the whole
+    vocabulary and backward gives each rank the gradient of its slice. inplace_backward then
+    writes that gradient over the logits during backward (not forward). See
+    llmfast.parallel.cross_entropy for the full contract.
     """
     fn = "cross_entropy"
     _checks.floating(fn, "input", input)
@@ -162,9 +173,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         raise LlmfastValueError(
             f"{fn}: target must have shape {expected} for input of shape {tuple(input.shape)} "
             f"(the class dimension is dim {1 if input.dim() >= 2 else 0}), got {tuple(target.shape)}")
-    if n_classes < 1:
+    if n_classes < 1 and process_group is None:
         raise LlmfastValueError(f"{fn}: input must have at least one class, got shape {tuple(input.shape)}")
-    if weight is not None:
+    if weight is not None and process_group is None:
         _checks.floating(fn, "weight", weight)
         if tuple(weight.shape) != (n_classes,):
             raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
@@ -179,6 +190,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
     if not isinstance(inplace_backward, bool):
         raise LlmfastTypeError(f"{fn}: inplace_backward must be a bool, got {inplace_backward!r}")
+    if process_group is not None:
+        return _parallel_ce.vocab_parallel_cross_entropy(input, target, weight, ignore_index, reduction,
+                                                         label_smoothing, z_loss, softcap, inplace_backward,
+                                                         process_group)
 
     backend = resolve("cross_entropy", input.device, input.dtype)
     if backend == "reference":
@@ -217,7 +232,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None):
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, process_group=None):
     """cross_entropy(input @ weight.T + bias, target, ...) without materialising the logits:
     input (..., D), weight (V, D) (the output projection, e.g. a tied embedding), target of
     input's leading shape, bias (V,) or None. Options as cross_entropy (no class weights).
@@ -229,6 +244,14 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     fp32 (V,) bias-gradient accumulator; the logits of the matmul are rounded to input's dtype
     (as torch.nn.functional.linear would). With reduction='none' backward recomputes each
     chunk's logits (its per-row upstream gradient is only known then).
+
+    Vocabulary parallelism (`process_group`, a torch.distributed.ProcessGroup): `weight` (V_r, D)
+    and `bias` (V_r,) are this rank's contiguous slice of the classes (slices in rank order,
+    uneven sizes allowed); input and target (global class ids) are the same on every rank. Every
+    rank returns the loss of the whole vocabulary; backward gives each rank the gradient of its
+    weight and bias slices, and grad_input all_reduced (summed) over the group. Each chunk's
+    logits are computed again in backward (one more matmul per chunk). See
+    llmfast.parallel.cross_entropy for the full contract.
     """
     fn = "linear_cross_entropy"
     _checks.floating(fn, "input", input)
@@ -250,7 +273,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                                 f"dimensions), got {tuple(target.shape)}")
     _checks.same_device(fn, "target", target, "input", input)
     V = weight.shape[0]
-    if V < 1:
+    if V < 1 and process_group is None:
         raise LlmfastValueError(f"{fn}: weight must have at least one row (class), got shape {tuple(weight.shape)}")
     if bias is not None:
         _checks.floating(fn, "bias", bias)
@@ -269,6 +292,10 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise LlmfastValueError(f"{fn}: chunk_size must be None or a positive int, got {chunk_size!r}")
+    if process_group is not None:
+        return _parallel_ce.vocab_parallel_linear_cross_entropy(input, weight, target, bias, ignore_index, reduction,
+                                                                label_smoothing, z_loss, softcap, chunk_size,
+                                                                process_group)
 
     backend = resolve("cross_entropy", input.device, input.dtype)
     if backend == "reference":
@@ -295,3 +322,158 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss.to(input.dtype)
+
+
+# --- attention ----------------------------------------------------------------------------------
+def _as_4d(t):
+    """(..., H, S, D) as (B, H, S, D): a view for 2-4 dims; more leading dims are flattened
+    (a copy only when they cannot be viewed as one, e.g. an expanded mask)."""
+    if t.dim() == 4:
+        return t
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    if t.dim() == 2:
+        return t[None, None]
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _window(fn, window_size):
+    if window_size is None:
+        return -1, -1
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise LlmfastTypeError(f"{fn}: window_size must be None or a pair (left, right) of ints, "
+                               f"got {window_size!r}") from None
+    for v in (left, right):
+        if isinstance(v, bool) or not isinstance(v, int) or v < -1:
+            raise LlmfastValueError(f"{fn}: window_size must be a pair (left, right) of ints >= -1 "
+                                    f"(-1 = unbounded), got {window_size!r}")
+    return left, right
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, window_size=None, softcap=None, return_lse=False):
+    """As torch.nn.functional.scaled_dot_product_attention: query (..., Hq, Sq, D), key
+    (..., Hkv, Sk, D), value (..., Hkv, Sk, Dv) -> (..., Hq, Sq, Dv), forward and backward,
+    computed FlashAttention-style (the (Sq, Sk) scores are never stored).
+
+    Same semantics as torch (llmfast/reference/attention.py has the full definition): scale
+    defaults to 1/sqrt(D); is_causal is aligned top-left as in torch (query i sees keys j <= i);
+    attn_mask is boolean (True = takes part) or additive, broadcastable to (..., Hq, Sq, Sk);
+    enable_gqa lets Hq be a multiple of Hkv; dropout_p > 0 drops probabilities (always, as torch
+    does: pass 0 in eval mode), reproducibly under torch.manual_seed, though with other random
+    numbers than torch's. Differences from torch:
+    - A query row whose keys are all masked gets output 0 and zero gradients (torch >= 2.5's
+      math path agrees; older torch and some fused torch backends give NaN).
+    - attn_mask and is_causal may be given together (torch refuses); both apply.
+    - query, key and value must have the same leading (batch) dimensions (no broadcasting).
+    Extras (keyword-only):
+    - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (-1 =
+      unbounded on that side; combines with is_causal and attn_mask).
+    - softcap: scores = softcap * tanh(scores / softcap) before masking (Gemma 2).
+    - return_lse=True returns (out, lse), lse (..., Hq, Sq) float32 = logsumexp of each row's
+      scaled, masked scores (-inf for a fully masked row); it is differentiable.
+
+    Backends: 'triton' (head dims up to 256, fp16/bf16/fp32) and 'reference'. There are no
+    'cpu' / 'cuda' attention kernels yet: under 'auto', CPU tensors take the reference path and
+    CUDA tensors Triton; a call that the chosen kernels cannot serve (a head dim over 256)
+    takes the reference path under 'auto' and raises BackendUnavailableError, naming the
+    argument, when a backend was forced. An additive attn_mask that requires grad gets its
+    gradient (the Triton backward then writes a (B, Hq, Sq, Sk) buffer, summed to the mask's
+    shape).
+    """
+    fn = "scaled_dot_product_attention"
+    _checks.floating(fn, "query", query)
+    _checks.floating(fn, "key", key)
+    _checks.floating(fn, "value", value)
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise LlmfastTypeError(f"{fn}: {name} must have query's dtype {query.dtype}, got {t.dtype}")
+        _checks.same_device(fn, name, t, "query", query)
+    if query.dim() < 2:
+        raise LlmfastValueError(f"{fn}: query must have at least 2 dimensions (..., Sq, D), got shape "
+                                f"{tuple(query.shape)}")
+    for name, t in (("key", key), ("value", value)):
+        if t.dim() != query.dim():
+            raise LlmfastValueError(f"{fn}: {name} must have query's number of dimensions ({query.dim()}), "
+                                    f"got shape {tuple(t.shape)}")
+    lead = tuple(query.shape[:-3])
+    for name, t in (("key", key), ("value", value)):
+        if tuple(t.shape[:-3]) != lead:
+            raise LlmfastValueError(f"{fn}: {name} must have query's batch dimensions {lead}, got shape "
+                                    f"{tuple(t.shape)} (llmfast does not broadcast batch dimensions)")
+    hq = query.shape[-3] if query.dim() >= 3 else 1
+    hkv = key.shape[-3] if key.dim() >= 3 else 1
+    sq, d = query.shape[-2], query.shape[-1]
+    sk = key.shape[-2]
+    if key.shape[-1] != d:
+        raise LlmfastValueError(f"{fn}: key must have query's head dim {d} (last dimension), got shape "
+                                f"{tuple(key.shape)}")
+    if (value.shape[-3] if value.dim() >= 3 else 1) != hkv or value.shape[-2] != sk:
+        raise LlmfastValueError(f"{fn}: value must have key's heads and length (..., {hkv}, {sk}, Dv), got "
+                                f"shape {tuple(value.shape)}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise LlmfastTypeError(f"{fn}: {name} must be a bool, got {flag!r}")
+    if hkv != hq:
+        if not enable_gqa:
+            raise LlmfastValueError(f"{fn}: key has {hkv} heads and query {hq}; pass enable_gqa=True for "
+                                    f"grouped-query attention")
+        if hkv == 0 or hq % hkv != 0:
+            raise LlmfastValueError(f"{fn}: query's heads ({hq}) must be a multiple of key's heads ({hkv}) "
+                                    f"with enable_gqa=True")
+    if attn_mask is not None:
+        _checks.tensor(fn, "attn_mask", attn_mask)
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _checks.FLOATING:
+            raise LlmfastTypeError(f"{fn}: attn_mask must be a bool or floating tensor, got {attn_mask.dtype}")
+        _checks.same_device(fn, "attn_mask", attn_mask, "query", query)
+        target = (*query.shape[:-1], sk)
+        try:
+            ok = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise LlmfastValueError(f"{fn}: attn_mask must be broadcastable to {target} (..., Hq, Sq, Sk), got "
+                                    f"shape {tuple(attn_mask.shape)}")
+    dropout_p = _number(fn, "dropout_p", dropout_p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    if scale is not None:
+        scale = _number(fn, "scale", scale, math.isfinite, "None or a finite number")
+    if softcap is not None:
+        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    left, right = _window(fn, window_size)
+
+    backend = resolve("attention", query.device, query.dtype)
+    if backend != "reference":
+        from .triton.attention import MAX_HEAD_DIM
+
+        gap = None
+        if backend != "triton":
+            gap = f"backend {backend!r} has no attention kernels yet (only 'triton' and 'reference')"
+        elif d > MAX_HEAD_DIM:
+            gap = f"query's head dim {d} is over {MAX_HEAD_DIM}, the largest the triton kernels take"
+        elif value.shape[-1] > MAX_HEAD_DIM:
+            gap = f"value's head dim {value.shape[-1]} is over {MAX_HEAD_DIM}, the largest the triton kernels take"
+        if gap is not None:
+            if current_backend() != "auto":
+                raise BackendUnavailableError(f"llmfast {fn}: {gap}")
+            backend = "reference"
+    if backend == "reference":
+        return _reference.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+            window_size=(left, right), softcap=softcap, return_lse=return_lse)
+
+    if is_causal:  # causal is the band's right edge at the diagonal
+        right = 0 if right < 0 else min(right, 0)
+    mask4 = _as_4d(attn_mask.expand(*query.shape[:-1], sk)) if attn_mask is not None else None
+    # The dropout pattern is a function of this seed, drawn from torch's generator for the
+    # query's device: reproducible under torch.manual_seed, traceable by torch.compile.
+    seed = torch.randint(0, 2**62, (1,), device=query.device, dtype=torch.int64) if dropout_p > 0.0 else None
+    out, lse = _ops.attention.attention_forward(
+        backend, _as_4d(query), _as_4d(key), _as_4d(value), mask4,
+        float(scale) if scale is not None else 1.0 / math.sqrt(d), left, right,
+        softcap if softcap is not None else 0.0, dropout_p, seed)
+    out = out.view(*query.shape[:-1], value.shape[-1])
+    if return_lse:
+        return out, lse.view(query.shape[:-1])
+    return out

@@ -53,6 +53,8 @@ CASES = [
     ("window", 1, 2, 2, 100, 120, 64, 64, False, None, (16, 8), None),
     ("window_causal_softcap", 1, 2, 2, 90, 90, 72, 72, True, None, (20, -1), 5.0),
     ("window_dead_rows", 1, 1, 1, 80, 40, 16, 16, False, None, (3, 0), None),
+    ("wide_window", 1, 1, 1, 200, 190, 16, 16, False, None, (70, 45), None),
+    ("left_window_only", 1, 2, 2, 150, 160, 16, 16, False, None, (40, -1), None),
     ("dv_ne_d", 1, 2, 2, 50, 60, 64, 32, False, None, None, None),
     ("d256", 1, 1, 1, 40, 40, 256, 256, True, None, None, None),
 ]
