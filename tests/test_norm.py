@@ -7,6 +7,7 @@ the tuned paths target: Hopper clusters in CUDA, looped chunks in Triton), 70000
 (past every register path, unaligned), leading batch dims, and empty tensors.
 """
 import math
+import os
 import zlib
 
 import pytest
@@ -317,3 +318,26 @@ def test_op_level_checks_name_the_argument(device):
     for call, name in cases:
         with pytest.raises(RuntimeError, match=name):
             call()
+
+
+def test_double_backward_is_refused_not_wrong():
+    """Second-order gradients are not implemented by the kernels: asking for them must raise,
+    not silently return zeros (float64 takes the reference path, which supports them)."""
+    backend = "cpu" if "cpu" in llmfast.available_backends() else "reference"
+    x = torch.randn(3, 16, requires_grad=True)
+    with llmfast.use_backend(backend):
+        y = LF.layer_norm(x, (16,))
+    (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    if backend != "reference":
+        with pytest.raises(RuntimeError):
+            g.sum().backward()
+
+
+def test_llmfast_backend_environment_variable():
+    import subprocess
+    import sys
+
+    code = "import llmfast; print(llmfast.current_backend())"
+    env = dict(os.environ, LLMFAST_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"

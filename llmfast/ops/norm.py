@@ -97,6 +97,7 @@ class NormFunction(torch.autograd.Function):
         return out, residual_out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises instead of returning zeros
     def backward(ctx, grad_out, grad_residual_out):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.rms, ctx.has_residual, ctx.weight_grad,
