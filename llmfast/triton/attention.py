@@ -1,0 +1,788 @@
+"""Triton FlashAttention-2: scaled dot-product attention forward and backward without the
+(Sq, Sk) score matrix.
+
+Contract (llmfast/reference/attention.py is the math): query (B, Hq, Sq, D), key (B, Hkv, Sk, D),
+value (B, Hkv, Sk, Dv), any strides, Hq a multiple of Hkv (GQA/MQA: query head h reads key/value
+head h // (Hq // Hkv)); attn_mask None or (B, Hq, Sq, Sk) with any strides (0 for broadcast
+dims), boolean (True = takes part) or additive (floating); a band window_left / window_right
+(-1 = unbounded; is_causal is window_right = 0, top-left aligned as in torch); softcap (0 = off).
+D and Dv up to 256. float16 / bfloat16, and float32 computed with exact fp32 dots (no TF32).
+Dropout (training): each probability survives with probability 1 - dropout_p, drawn with
+Philox (tl.rand) from a one-element int64 seed tensor at an offset that names its (batch, head,
+query, key), so the backward kernels redraw the same pattern without storing it; the caller
+draws the seed from torch's generator, which makes the pattern reproducible under
+torch.manual_seed.
+
+Forward (one program per BLOCK_M queries of one (batch, head)): the query tile stays in
+registers while key/value tiles stream past; per tile
+    s = softcap(scale * q k^T) (+ mask), in log2 units (exp2 is the fast exponential)
+    m_new = max(m, rowmax(s));  p = exp2(s - m_new);  l = l * exp2(m - m_new) + rowsum(p)
+    acc = acc * exp2(m - m_new) + p v
+and at the end out = acc / l, lse = (m + log2 l) * ln 2 (fp32). Rows with no visible key keep
+l = 0: out = 0 and lse = -inf.
+Backward (FlashAttention-2, no atomics): delta = rowsum(dO * O) - dlse (preprocess kernel),
+then P = exp(s - lse) is recomputed twice: once by programs that own BLOCK_N keys of one kv
+head and loop over the query tiles of every query head of its group (dK, dV: deterministic,
+GQA sums in registers), once by programs that own BLOCK_M queries (dQ):
+    dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T Q;  dQ += dS K
+(times scale, and times 1 - tanh^2 under softcap; with dropout, P and dP of the kept
+probabilities are scaled by 1 / (1 - dropout_p) and the dropped ones are zero, while delta
+and the dS formula are unchanged). When an additive mask needs a gradient,
+the dK/dV programs also write dS, the gradient of the mask, as a (B, Hq, Sq, Sk) tensor: the
+one case that materialises Sq x Sk (only then).
+
+Tiles of keys that are entirely visible to a query tile (inside the causal band / window and
+Sk) run without the band predicate; only the boundary tiles pay for it, and tiles entirely
+outside the band are skipped.
+
+Memory traffic: the forward reads Q once and K, V once per query tile (ceil(Sq / BLOCK_M)
+times; L2 absorbs most of it), writes O and lse once; the backward reads Q, dO, lse, delta
+once per key tile and K, V once per query tile, writes dQ, dK, dV once. A mask tensor is read
+once per visited tile (a key-padding mask (B, 1, 1, Sk), stride 0 over queries, as one row).
+Offsets are 64-bit.
+
+Launches work on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before triton
+was imported (Triton's interpreter, used by the CPU-only tests; its bf16 tl.dot is wrong, so
+test there in fp16 / fp32).
+"""
+import contextlib
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from llmfast._errors import LlmfastTypeError, LlmfastValueError
+
+__all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+# mask kinds (constexpr MASK_KIND)
+_NO_MASK, _BOOL_MASK, _ADD_MASK = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(y):
+    # tanh from one exp, finite for every y: sign(y) (1 - e^{-2|y|}) / (1 + e^{-2|y|}).
+    # (tl has no portable tanh: libdevice's is CUDA-only and absent from the interpreter.)
+    e = tl.exp(-2.0 * tl.abs(y))
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(y < 0, -th, th)
+
+
+@triton.jit
+def _scores(qk, qi, kj, mask_base, stride_mm, stride_mn, Sq, Sk, qk_scale, cap_scale, window_left, window_right,
+            MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr, BAND: tl.constexpr,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Scores of one tile in log2 units, masked with -inf, from the raw dot products qk.
+
+    qi / kj: query / key indices broadcast against qk (either orientation: (M, 1) and (1, N)
+    in the forward and dQ kernels, (1, M) and (N, 1) in the dK/dV kernel). Returns (s, t),
+    t = tanh(scale * qk / softcap) under SOFTCAP (the backward needs 1 - t^2), else qk.
+    Without SOFTCAP qk_scale = scale * log2(e); with it qk_scale = softcap * log2(e) and
+    cap_scale = scale / softcap. BAND applies the key bound Sk and the window (interior tiles
+    skip it)."""
+    if SOFTCAP:
+        t = _tanh(qk * cap_scale)
+        s = t * qk_scale
+    else:
+        t = qk
+        s = qk * qk_scale
+    if MASK_KIND != 0:
+        if MASK_ROW:  # key-padding mask: one row for all queries
+            mptr = mask_base + (kj.to(tl.int64) + 1) * stride_mn
+            mok = kj < Sk
+        else:
+            mptr = mask_base + qi.to(tl.int64) * stride_mm + kj.to(tl.int64) * stride_mn
+            mok = (qi < Sq) & (kj < Sk)
+        if MASK_KIND == 1:
+            keep = tl.load(mptr, mask=mok, other=0)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s = s + tl.load(mptr, mask=mok, other=0.0).to(tl.float32) * 1.4426950408889634
+    if BAND:
+        ok = kj < Sk
+        if HAS_LEFT:
+            ok = ok & (kj >= qi - window_left)
+        if HAS_RIGHT:
+            ok = ok & (kj <= qi + window_right)
+        s = tl.where(ok, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _dropout_keep(seed, row0, qi, kj, Sk, dropout_p):
+    """True where the probability of (query qi, key kj) survives dropout. The random number is
+    Philox's at offset (row0 + qi) * Sk + kj, row0 = (b * Hq + h) * Sq, so the forward and both
+    backward kernels draw the same numbers in either tile orientation."""
+    return tl.rand(seed, (row0 + qi.to(tl.int64)) * Sk + kj) >= dropout_p
+
+
+@triton.jit
+def _key_range(m0, Sk, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key tiles seen by queries [m0, m0 + BLOCK_M): [lo, lo_in) and [hi_in, hi) need the band
+    predicate, [lo_in, hi_in) (whole tiles inside the band and below Sk) do not. lo, lo_in and
+    hi_in are multiples of BLOCK_N (or equal hi)."""
+    lo = 0
+    hi = Sk
+    lo_in = 0
+    hi_in = Sk // BLOCK_N * BLOCK_N
+    if HAS_LEFT:
+        lo = tl.maximum(m0 - window_left, 0) // BLOCK_N * BLOCK_N
+        lo_in = (tl.maximum(m0 + BLOCK_M - 1 - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        lo_in = tl.maximum(lo_in, lo)
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m0 + BLOCK_M + window_right)
+        hi_in = tl.minimum(hi_in, tl.maximum(m0 + window_right + 1, 0) // BLOCK_N * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    lo_in = tl.minimum(lo_in, hi)
+    hi_in = tl.maximum(hi_in, lo_in)
+    return lo, lo_in, hi_in, hi
+
+
+@triton.jit
+def _query_range(n0, Sq, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query tiles that see keys [n0, n0 + BLOCK_N), split like _key_range. Rows past Sq are
+    harmless here (their q and dO load as 0 and their lse as +inf, so P = 0)."""
+    lo = 0
+    hi = Sq
+    lo_in = 0
+    hi_in = Sq
+    if HAS_RIGHT:
+        lo = tl.maximum(n0 - window_right, 0) // BLOCK_M * BLOCK_M
+        lo_in = (tl.maximum(n0 + BLOCK_N - 1 - window_right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        lo_in = tl.maximum(lo_in, lo)
+    if HAS_LEFT:
+        hi = tl.minimum(hi, n0 + BLOCK_N + window_left)
+        hi_in = tl.minimum(hi_in, tl.maximum(n0 + window_left + 1, 0) // BLOCK_M * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    lo_in = tl.minimum(lo_in, hi)
+    hi_in = tl.maximum(hi_in, lo_in)
+    return lo, lo_in, hi_in, hi
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
+               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+               Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
+               BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Sk
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s, _t = _scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq, Sk,
+                        qk_scale, cap_scale, window_left, window_right,
+                        MASK_KIND, MASK_ROW, SOFTCAP, BAND, HAS_LEFT, HAS_RIGHT)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only masked keys keeps m = -inf; subtract 0 instead so that
+        # exp2(-inf - -inf) never makes a NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # after the row sum: dropout acts on the normalised probabilities
+            p = tl.where(_dropout_keep(seed, row0, offs_m[:, None], offs_n[None, :], Sk, dropout_p), p * keep_scale, 0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Forward. Grid (cdiv(Sq, BLOCK_M), B * Hq). Traffic: reads its Q tile once and the K, V tiles
+# of its key range once, writes its O tile and lse once.
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, DV), any strides
+    O,  # (B, Hq, Sq, DV) out
+    LSE,  # (B * Hq, Sq) fp32 out, natural log
+    MASK,  # (B, Hq, Sq, Sk) uint8 (bool) or float, any strides; dummy when MASK_KIND == 0
+    SEED,  # (1,) int64 Philox seed when DROPOUT, else a dummy
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, Sq, Sk,
+    qk_scale, cap_scale, window_left, window_right, dropout_p, keep_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Sq
+    row0 = pid_bh.to(tl.int64) * Sq
+    seed = tl.load(SEED) if DROPOUT else 0
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    lo, lo_in, hi_in, hi = _key_range(m0, Sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, lo_in,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                               keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW, SOFTCAP,
+                               True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo_in, hi_in,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                               keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW, SOFTCAP,
+                               False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, hi_in, hi,
+                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                               Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                               keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW, SOFTCAP,
+                               True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+
+    dead = l_i == 0.0  # no visible key: out = 0, lse = -inf
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]
+    lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)
+
+
+# Backward preprocess. Grid (cdiv(Sq, BLOCK_M), B * Hq). Reads O and dO once, writes delta:
+# delta = rowsum(dO * O) (- dlse when the lse output has a gradient), fp32.
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO,  # (B, H, Sq, DV), any strides
+    DLSE,  # (B * H, Sq) fp32, or a dummy when HAS_DLSE is False
+    DELTA,  # (B * H, Sq) fp32 out
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Sq,
+    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < Sq) & (offs_dv[None, :] < DV)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=offs_m < Sq, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+              Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
+              BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Sk
+        kt = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        vt = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        s, t = _scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq, Sk,
+                       qk_scale, cap_scale, window_left, window_right,
+                       MASK_KIND, MASK_ROW, SOFTCAP, BAND, HAS_LEFT, HAS_RIGHT)
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        if DROPOUT:  # dP of the kept probabilities; delta = rowsum(dO * O) already includes it
+            dp = tl.where(_dropout_keep(seed, row0, offs_m[:, None], offs_n[None, :], Sk, dropout_p), dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
+
+
+# Backward, dQ. Grid (cdiv(Sq, BLOCK_M), B * Hq). Reads its Q, dO tiles, lse and delta once and
+# the K, V tiles of its key range once, writes its dQ tile once.
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # as in the forward; DO (B, Hq, Sq, DV) any strides
+    LSE, DELTA,  # (B * Hq, Sq) fp32
+    DQ,  # (B, Hq, Sq, D) out
+    MASK, SEED,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, GROUP, Sq, Sk,
+    scale, qk_scale, cap_scale, window_left, window_right, dropout_p, keep_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Sq
+    rows = offs_m[:, None].to(tl.int64)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf"))
+    # A fully masked row has lse = -inf; +inf makes its recomputed P exactly 0.
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    mask_base = MASK + b * stride_mb + h * stride_mh
+    row0 = pid_bh.to(tl.int64) * Sq
+    seed = tl.load(SEED) if DROPOUT else 0
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    lo, lo_in, hi_in, hi = _key_range(m0, Sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, lo_in,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                   Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW, SOFTCAP,
+                   True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo_in, hi_in,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                   Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW, SOFTCAP,
+                   False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, hi_in, hi,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                   Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, MASK_ROW, SOFTCAP,
+                   True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm
+             + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n, lo, hi,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_dmm,
+                Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, MASK_GRAD: tl.constexpr,
+                SOFTCAP: tl.constexpr, BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Transposed orientation: tiles are (keys, queries), so no (BLOCK_N, BLOCK_M) tile is
+    # transposed; only the small Q and dO tiles are.
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Sq
+        rows = offs_m.to(tl.int64)
+        qt = tl.load(q_base + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                     mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                     mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        qkt = tl.dot(k, qt, input_precision=DOT_PRECISION)
+        st, tt = _scores(qkt, offs_m[None, :], offs_n[:, None], mask_base, stride_mm, stride_mn, Sq, Sk,
+                         qk_scale, cap_scale, window_left, window_right,
+                         MASK_KIND, MASK_ROW, SOFTCAP, BAND, HAS_LEFT, HAS_RIGHT)
+        pt = tl.math.exp2(st - lse2[None, :])
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, row0, offs_m[None, :], offs_n[:, None], Sk, dropout_p)
+            dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpt = tl.where(keep, dpt * keep_scale, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        if MASK_GRAD:
+            tl.store(dmask_base + rows[None, :] * stride_dmm + offs_n[:, None],
+                     dst.to(dmask_base.dtype.element_ty), mask=m_ok[None, :] & (offs_n[:, None] < Sk))
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+# Backward, dK and dV. Grid (cdiv(Sk, BLOCK_N), B * Hkv): each program owns BLOCK_N keys of one
+# kv head and sums over the query tiles of all GROUP query heads that read it. Reads its K, V
+# tiles once and the Q, dO tiles, lse and delta of its query range once per query head, writes
+# its dK, dV tiles once (and, with MASK_GRAD, dS for the mask).
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA,
+    DK, DV_OUT,  # (B, Hkv, Sk, D), (B, Hkv, Sk, DV) out
+    MASK, SEED,
+    DMASK,  # (B, Hq, Sq, Sk) contiguous out (zero-initialised) when MASK_GRAD, else a dummy
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    HKV, GROUP, Sq, Sk,
+    scale, qk_scale, cap_scale, window_left, window_right, dropout_p, keep_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, MASK_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Sk
+    keys = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + keys * stride_kn + offs_d[None, :] * stride_kd,
+                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + keys * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    lo, lo_in, hi_in, hi = _query_range(n0, Sq, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    H = HKV * GROUP
+    seed = tl.load(SEED) if DROPOUT else 0
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + bh * Sq
+        delta_base = DELTA + bh * Sq
+        mask_base = MASK + b * stride_mb + h * stride_mh
+        dmask_base = DMASK + bh * Sq * Sk
+        row0 = bh * Sq
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n,
+                             lo, lo_in, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Sk,
+                             Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                             keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW, MASK_GRAD,
+                             SOFTCAP, True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n,
+                             lo_in, hi_in, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Sk,
+                             Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                             keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW, MASK_GRAD,
+                             SOFTCAP, False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n,
+                             hi_in, hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Sk,
+                             Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                             keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW, MASK_GRAD,
+                             SOFTCAP, True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+    dk = dk * scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + keys * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_OUT + b * stride_dvb + hk * stride_dvh + keys * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV_OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Tiles used in Triton's CPU interpreter: small, so that the tests' short sequences (17, 128,
+# 257) still cross several tiles and exercise the interior/boundary split; the interpreter
+# pays per operation, not per element, so larger tiles would not test more.
+_INTERPRET_TILES = (32, 32)
+
+
+def _fwd_config(d: int, elt: int, on_gpu: bool) -> _Config:
+    """Forward tiles for head dim d (padded to a power of two) and element size elt.
+
+    Provisional (not yet measured on the H100): FlashAttention-2's shapes. 128 queries per
+    program keep the tensor cores fed; the (128, d) fp32 accumulator is 64 registers a thread
+    for d = 128 with 8 warps; d = 256 halves the query tile to stay out of spills; fp32 inputs
+    halve the tiles (twice the shared memory per element)."""
+    if not on_gpu:
+        return _Config(*_INTERPRET_TILES, 1, 1)
+    if elt == 4:
+        return _Config(64, 32, 4, 2) if d <= 128 else _Config(32, 32, 4, 2)
+    if d <= 64:
+        return _Config(128, 64, 4, 3)
+    if d <= 128:
+        return _Config(128, 64, 8, 3)
+    return _Config(64, 32, 4, 2)
+
+
+def _bwd_config(d: int, elt: int, on_gpu: bool) -> _Config:
+    """Backward tiles (block_m queries x block_n keys in both backward kernels). Provisional,
+    like _fwd_config: the dK/dV program holds K, V, dK, dV (4 x block_n x d, two in fp32)."""
+    if not on_gpu:
+        return _Config(*_INTERPRET_TILES, 1, 1)
+    if elt == 4:
+        return _Config(32, 32, 4, 2)
+    if d <= 64:
+        return _Config(64, 64, 4, 3)
+    if d <= 128:
+        return _Config(64, 64, 8, 2)
+    return _Config(32, 32, 4, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _device_ctx(device: torch.device):
+    """Triton launches on the current CUDA device (and its current stream)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _check_qkv(op, query, key, value):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise LlmfastTypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise LlmfastValueError(f"{op}: {name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype != query.dtype:
+            raise LlmfastTypeError(f"{op}: {name} must have query's dtype {query.dtype}, got {t.dtype}")
+        if t.device != query.device:
+            raise LlmfastTypeError(f"{op}: {name} must be on {query.device}, got {t.device}")
+    if query.dtype not in _FLOAT_DTYPES:
+        raise LlmfastTypeError(f"{op}: query must be float32, float16 or bfloat16, got {query.dtype}")
+    if query.device.type != "cuda" and not _INTERPRET:
+        raise LlmfastTypeError(f"{op}: query must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {query.device}")
+    B, Hq, Sq, D = query.shape
+    if key.shape[0] != B or key.shape[3] != D:
+        raise LlmfastValueError(f"{op}: key must have shape ({B}, Hkv, Sk, {D}), got {tuple(key.shape)}")
+    Hkv, Sk = key.shape[1], key.shape[2]
+    if tuple(value.shape[:3]) != (B, Hkv, Sk):
+        raise LlmfastValueError(f"{op}: value must have shape ({B}, {Hkv}, {Sk}, Dv), got {tuple(value.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise LlmfastValueError(f"{op}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    Dv = value.shape[3]
+    for name, d in (("query", D), ("value", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise LlmfastValueError(f"{op}: {name} head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
+    return B, Hq, Hkv, Sq, Sk, D, Dv
+
+
+def _mask_args(op, attn_mask, shape, device):
+    """(mask tensor for the kernel, MASK_KIND, MASK_ROW, its 4 strides)."""
+    if attn_mask is None:
+        return None, _NO_MASK, False, (0, 0, 0, 0)
+    if tuple(attn_mask.shape) != shape:
+        raise LlmfastValueError(f"{op}: attn_mask must have shape {shape} (expand it first), got "
+                                f"{tuple(attn_mask.shape)}")
+    if attn_mask.device != device:
+        raise LlmfastTypeError(f"{op}: attn_mask must be on {device}, got {attn_mask.device}")
+    if attn_mask.dtype == torch.bool:
+        kind, mask = _BOOL_MASK, attn_mask.view(torch.uint8)
+    elif attn_mask.dtype in _FLOAT_DTYPES or attn_mask.dtype == torch.float64:
+        kind, mask = _ADD_MASK, attn_mask
+    else:
+        raise LlmfastTypeError(f"{op}: attn_mask must be bool or floating, got {attn_mask.dtype}")
+    strides = mask.stride()
+    # A key-padding mask (stride 0 over queries, or one query) is read as one row per tile.
+    return mask, kind, strides[2] == 0 or shape[2] == 1, strides
+
+
+def _common_flags(window_left, window_right, softcap, dtype, dropout_p):
+    return dict(
+        DROPOUT=dropout_p > 0.0,
+        SOFTCAP=softcap > 0.0,
+        HAS_LEFT=window_left >= 0,
+        HAS_RIGHT=window_right >= 0,
+        # fp32 inputs get exact fp32 products (torch's default for fp32 matmuls), not TF32.
+        DOT_PRECISION="ieee" if dtype == torch.float32 else None,
+    )
+
+
+def _normalize_window(window_left, window_right, Sq, Sk):
+    """A side that reaches past every query / key is unbounded (-1): the kernels skip its
+    predicate, and the band arithmetic stays far from int32 overflow."""
+    window_left, window_right = int(window_left), int(window_right)
+    if window_left >= Sq:
+        window_left = -1
+    if window_right >= Sk:
+        window_right = -1
+    return window_left, window_right
+
+
+def _check_dropout(op, dropout_p, seed, device):
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise LlmfastValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p == 0.0:
+        return 0.0, None
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+        raise LlmfastValueError(f"{op}: dropout_p > 0 needs seed, a one-element int64 tensor on {device}")
+    return dropout_p, seed.reshape(1)
+
+
+def _keep_scale(dropout_p):
+    return 1.0 / (1.0 - dropout_p)
+
+
+def _scales(scale, softcap):
+    """(qk_scale, cap_scale) of _scores."""
+    if softcap > 0.0:
+        return softcap * _LOG2E, scale / softcap
+    return scale * _LOG2E, 1.0
+
+
+def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: float, window_left: int,
+                  window_right: int, softcap: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None):
+    """Forward. query (B, Hq, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv), any strides;
+    attn_mask None or (B, Hq, Sq, Sk) bool / floating, any strides (expanded views welcome);
+    window_left / window_right >= 0 bound the band (-1: unbounded; causal is window_right = 0);
+    softcap 0 = off. Returns (out (B, Hq, Sq, Dv) contiguous in query's dtype,
+    lse (B, Hq, Sq) fp32, natural log, -inf for rows with no visible key)."""
+    op = "llmfast.triton attention_fwd"
+    B, Hq, Hkv, Sq, Sk, D, Dv = _check_qkv(op, query, key, value)
+    dev = query.device
+    dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
+    mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
+    out = torch.empty((B, Hq, Sq, Dv), dtype=query.dtype, device=dev)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    if B * Hq * Sq == 0:
+        return out, lse
+    window_left, window_right = _normalize_window(window_left, window_right, Sq, Sk)
+    cfg = _fwd_config(max(D, Dv), query.element_size(), dev.type == "cuda")
+    qk_scale, cap_scale = _scales(scale, softcap)
+    grid = (_cdiv(Sq, cfg.block_m), B * Hq)
+    with _device_ctx(dev):
+        _attn_fwd_kernel[grid](
+            query, key, value, out, lse, mask if mask is not None else query, seed if seed is not None else lse,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(), *ms,
+            Hq, Hq // Hkv, Sq, Sk,
+            qk_scale, cap_scale, window_left, window_right, dropout_p, _keep_scale(dropout_p),
+            D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
+            **_common_flags(window_left, window_right, softcap, query.dtype, dropout_p),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out, lse
+
+
+def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torch.Tensor],
+                  attn_mask: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
+                  softcap: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                  mask_grad: bool = False):
+    """Backward of attention_fwd. grad_out like out (any strides); grad_lse (B, Hq, Sq) fp32 or
+    None. Returns (grad_query, grad_key, grad_value) contiguous in the inputs' dtype, and
+    grad_mask: (B, Hq, Sq, Sk) in attn_mask's dtype when mask_grad (an additive mask), else
+    an empty (0,) tensor."""
+    op = "llmfast.triton attention_bwd"
+    B, Hq, Hkv, Sq, Sk, D, Dv = _check_qkv(op, query, key, value)
+    dev = query.device
+    dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
+    for name, t, shape in (("grad_out", grad_out, (B, Hq, Sq, Dv)), ("out", out, (B, Hq, Sq, Dv)),
+                           ("lse", lse, (B, Hq, Sq)), ("grad_lse", grad_lse, (B, Hq, Sq))):
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise LlmfastValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != dev:
+            raise LlmfastTypeError(f"{op}: {name} must be on {dev}, got {t.device}")
+    lse = lse.to(torch.float32).contiguous()
+    mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
+    mask_grad = bool(mask_grad) and kind == _ADD_MASK
+    grad_query = torch.empty((B, Hq, Sq, D), dtype=query.dtype, device=dev)
+    grad_key = torch.empty((B, Hkv, Sk, D), dtype=key.dtype, device=dev)
+    grad_value = torch.empty((B, Hkv, Sk, Dv), dtype=value.dtype, device=dev)
+    # Tiles outside the band are never visited, so the mask gradient starts at zero.
+    grad_mask = (torch.zeros((B, Hq, Sq, Sk), dtype=attn_mask.dtype, device=dev) if mask_grad
+                 else torch.empty((0,), dtype=query.dtype, device=dev))
+    if Sq == 0 or Sk == 0 or B * Hq == 0:
+        grad_query.zero_(), grad_key.zero_(), grad_value.zero_()
+        return grad_query, grad_key, grad_value, grad_mask
+
+    window_left, window_right = _normalize_window(window_left, window_right, Sq, Sk)
+    cfg = _bwd_config(max(D, Dv), query.element_size(), dev.type == "cuda")
+    qk_scale, cap_scale = _scales(scale, softcap)
+    flags = _common_flags(window_left, window_right, softcap, query.dtype, dropout_p)
+    dims = dict(D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)))
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
+    dlse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
+    mask_ptr = mask if mask is not None else query
+    seed_ptr = seed if seed is not None else delta
+    with _device_ctx(dev):
+        block_pre = 64 if dev.type == "cuda" else 32
+        _attn_bwd_delta_kernel[(_cdiv(Sq, block_pre), B * Hq)](
+            out, grad_out, dlse if dlse is not None else delta, delta,
+            *out.stride(), *grad_out.stride(), Hq, Sq,
+            DV=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_pre, HAS_DLSE=dlse is not None,
+        )
+        _attn_bwd_dkdv_kernel[(_cdiv(Sk, cfg.block_n), B * Hkv)](
+            query, key, value, grad_out, lse, delta, grad_key, grad_value, mask_ptr, seed_ptr,
+            grad_mask if mask_grad else delta,
+            *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(),
+            *grad_key.stride(), *grad_value.stride(), *ms,
+            Hkv, Hq // Hkv, Sq, Sk,
+            scale, qk_scale, cap_scale, window_left, window_right, dropout_p, _keep_scale(dropout_p),
+            **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
+            MASK_GRAD=mask_grad, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        _attn_bwd_dq_kernel[(_cdiv(Sq, cfg.block_m), B * Hq)](
+            query, key, value, grad_out, lse, delta, grad_query, mask_ptr, seed_ptr,
+            *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *grad_query.stride(), *ms,
+            Hq, Hq // Hkv, Sq, Sk,
+            scale, qk_scale, cap_scale, window_left, window_right, dropout_p, _keep_scale(dropout_p),
+            **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
+            **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return grad_query, grad_key, grad_value, grad_mask
