@@ -445,15 +445,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     backend = resolve("attention", query.device, query.dtype)
     if backend != "reference":
-        from .triton.attention import MAX_HEAD_DIM
-
         gap = None
         if backend != "triton":
             gap = f"backend {backend!r} has no attention kernels yet (only 'triton' and 'reference')"
-        elif d > MAX_HEAD_DIM:
-            gap = f"query's head dim {d} is over {MAX_HEAD_DIM}, the largest the triton kernels take"
-        elif value.shape[-1] > MAX_HEAD_DIM:
-            gap = f"value's head dim {value.shape[-1]} is over {MAX_HEAD_DIM}, the largest the triton kernels take"
+        elif d > _ops.attention.TRITON_MAX_HEAD_DIM:
+            gap = f"query's head dim {d} is over {_ops.attention.TRITON_MAX_HEAD_DIM}, the most the triton kernels take"
+        elif value.shape[-1] > _ops.attention.TRITON_MAX_HEAD_DIM:
+            gap = (f"value's head dim {value.shape[-1]} is over {_ops.attention.TRITON_MAX_HEAD_DIM}, the most the "
+                   f"triton kernels take")
         if gap is not None:
             if current_backend() != "auto":
                 raise BackendUnavailableError(f"llmfast {fn}: {gap}")

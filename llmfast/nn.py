@@ -4,7 +4,8 @@ import torch
 
 from . import functional as F
 
-__all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
+__all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss", "MultiheadAttention",
+           "CausalSelfAttention"]
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -68,3 +69,140 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     def extra_repr(self):
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
+
+
+def _keep_or_additive(mask, dtype):
+    """A torch.nn.MultiheadAttention mask (bool: True = masked out; float: added) in
+    scaled_dot_product_attention's convention (bool: True = takes part; float: added)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask if mask is None or mask.dtype == dtype else mask.to(dtype)
+    return ~mask
+
+
+def _additive(mask, dtype):
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention (same constructor, parameters, state_dict and forward
+    signature) whose need_weights=False path runs llmfast's fused attention.
+
+    forward(..., need_weights=False) projects with the module's weights, runs
+    llmfast.functional.scaled_dot_product_attention (attention dropout `dropout` in training)
+    and returns (attn_output, None). key_padding_mask (N, S) and attn_mask (L, S) or
+    (N * num_heads, L, S) keep torch's conventions (bool True = masked out, float = added);
+    a boolean key_padding_mask alone takes the kernels' key-padding fast path. The is_causal
+    hint is used as torch uses it (with an attn_mask and no key_padding_mask, the mask is
+    dropped in favour of causal attention). Query rows whose keys are all masked give zeros.
+
+    The other calls go to torch's implementation: need_weights=True (the attention weights are
+    exactly what the fused kernels never form; note that it is torch's default), and modules
+    built with add_bias_kv or add_zero_attn.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if need_weights or self.bias_k is not None or self.add_zero_attn or (is_causal and attn_mask is None):
+            # torch raises for is_causal without attn_mask; let it say so.
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first:  # (N, L, E)
+            q_in, k_in, v_in = query, key, value
+        else:  # (L, N, E)
+            q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        N, L, E = q_in.shape
+        S = k_in.shape[1]
+        H, hd = self.num_heads, self.head_dim
+        fl = torch.nn.functional.linear
+        b = self.in_proj_bias
+        b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:
+                q, k, v = fl(q_in, self.in_proj_weight, b).chunk(3, dim=-1)
+            else:
+                w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+                q, k, v = fl(q_in, w_q, b_q), fl(k_in, w_k, b_k), fl(v_in, w_v, b_v)
+        else:
+            q = fl(q_in, self.q_proj_weight, b_q)
+            k = fl(k_in, self.k_proj_weight, b_k)
+            v = fl(v_in, self.v_proj_weight, b_v)
+        # (N, L, E) -> (N, H, L, hd) views: the kernels take the strides as they are.
+        q = q.view(N, L, H, hd).transpose(1, 2)
+        k = k.view(N, S, H, hd).transpose(1, 2)
+        v = v.view(N, S, H, hd).transpose(1, 2)
+
+        causal = is_causal and key_padding_mask is None
+        if causal:
+            attn_mask = None
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.view(N, H, L, S)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.view(N, 1, 1, S)
+        if attn_mask is None or key_padding_mask is None:
+            mask = _keep_or_additive(attn_mask if attn_mask is not None else key_padding_mask, q.dtype)
+        elif attn_mask.dtype == torch.bool and key_padding_mask.dtype == torch.bool:
+            mask = ~(attn_mask | key_padding_mask)
+        else:
+            mask = _additive(~attn_mask if attn_mask.dtype == torch.bool else attn_mask, q.dtype) + \
+                _additive(~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask, q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=causal)
+        out = fl(out.transpose(1, 2).reshape(N, L, E), self.out_proj.weight, self.out_proj.bias)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(1)
+        return out, None
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """GPT-style causal self-attention: one fused QKV projection, llmfast's fused causal
+    attention, an output projection. Parameters and state_dict keys as nanoGPT's block
+    (c_attn, c_proj), so its checkpoints load unchanged.
+
+    x (B, T, embed_dim) -> (B, T, embed_dim). `dropout` is applied to the attention
+    probabilities (inside the kernel) and to the output (resid_dropout), in training only.
+    num_kv_heads (default num_heads) < num_heads gives grouped-query attention: c_attn then
+    projects to (num_heads + 2 * num_kv_heads) * head_dim features, queries first.
+    """
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, *, num_kv_heads=None, device=None, dtype=None):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"CausalSelfAttention: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"CausalSelfAttention: num_heads ({num_heads}) must be a multiple of num_kv_heads "
+                             f"({num_kv_heads})")
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        factory = dict(device=device, dtype=dtype)
+        self.c_attn = torch.nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias, **factory)
+        self.c_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.resid_dropout = torch.nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.c_attn(x).view(B, T, H + 2 * Hkv, hd)
+        # Views of the fused projection, (B, heads, T, hd): no copies.
+        q = qkv[:, :, :H].transpose(1, 2)
+        k = qkv[:, :, H:H + Hkv].transpose(1, 2)
+        v = qkv[:, :, H + Hkv:].transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
+                                           enable_gqa=Hkv != H)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, self.embed_dim)))
+
+    def extra_repr(self):
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"dropout={self.dropout}")

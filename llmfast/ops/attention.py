@@ -18,6 +18,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+# The largest head dim (query's and value's) of the Triton kernels (llmfast/triton/attention.py
+# asserts the same number; kept here so that checking it does not import triton).
+TRITON_MAX_HEAD_DIM = 256
+
 
 def _mask_grad_wanted(attn_mask, wanted):
     return bool(wanted) and attn_mask is not None and attn_mask.dtype != torch.bool

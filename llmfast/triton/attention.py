@@ -27,9 +27,9 @@ GQA sums in registers), once by programs that own BLOCK_M queries (dQ):
     dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T Q;  dQ += dS K
 (times scale, and times 1 - tanh^2 under softcap; with dropout, P and dP of the kept
 probabilities are scaled by 1 / (1 - dropout_p) and the dropped ones are zero, while delta
-and the dS formula are unchanged). When an additive mask needs a gradient,
-the dK/dV programs also write dS, the gradient of the mask, as a (B, Hq, Sq, Sk) tensor: the
-one case that materialises Sq x Sk (only then).
+and the dS formula are unchanged). When an additive mask needs a gradient, the dK/dV
+programs also write dS, the gradient of the mask, as a (B, Hq, Sq, Sk) tensor: the one case
+that materialises Sq x Sk (only then).
 
 Tiles of keys that are entirely visible to a query tile (inside the causal band / window and
 Sk) run without the band predicate; only the boundary tiles pay for it, and tiles entirely
@@ -57,7 +57,7 @@ from llmfast._errors import LlmfastTypeError, LlmfastValueError
 
 __all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 256  # = llmfast.ops.attention.TRITON_MAX_HEAD_DIM
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -98,7 +98,7 @@ def _scores(qk, qi, kj, mask_base, stride_mm, stride_mn, Sq, Sk, qk_scale, cap_s
         s = qk * qk_scale
     if MASK_KIND != 0:
         if MASK_ROW:  # key-padding mask: one row for all queries
-            mptr = mask_base + (kj.to(tl.int64) + 1) * stride_mn
+            mptr = mask_base + kj.to(tl.int64) * stride_mn
             mok = kj < Sk
         else:
             mptr = mask_base + qi.to(tl.int64) * stride_mm + kj.to(tl.int64) * stride_mn
@@ -198,7 +198,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:  # after the row sum: dropout acts on the normalised probabilities
-            p = tl.where(_dropout_keep(seed, row0, offs_m[:, None], offs_n[None, :], Sk, dropout_p), p * keep_scale, 0.0)
+            keep = _dropout_keep(seed, row0, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
+            p = tl.where(keep, p * keep_scale, 0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -206,7 +207,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
     return acc, l_i, m_i
 
 
-# Forward. Grid (cdiv(Sq, BLOCK_M), B * Hq). Traffic: reads its Q tile once and the K, V tiles
+# Forward. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Traffic: reads its Q tile once and the K, V tiles
 # of its key range once, writes its O tile and lse once.
 @triton.jit
 def _attn_fwd_kernel(
@@ -227,8 +228,11 @@ def _attn_fwd_kernel(
     MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 1-D grid, query tiles fastest: programs in flight share a head's K and V in L2, and
+    # B * H is not bounded by the 65535 limit of a grid's second dimension.
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bh = tl.program_id(0) // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -240,7 +244,8 @@ def _attn_fwd_kernel(
     row0 = pid_bh.to(tl.int64) * Sq
     seed = tl.load(SEED) if DROPOUT else 0
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -269,12 +274,12 @@ def _attn_fwd_kernel(
     dead = l_i == 0.0  # no visible key: out = 0, lse = -inf
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :] * stride_od,
+    tl.store(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)
 
 
-# Backward preprocess. Grid (cdiv(Sq, BLOCK_M), B * Hq). Reads O and dO once, writes delta:
+# Backward preprocess. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Reads O and dO once, writes delta:
 # delta = rowsum(dO * O) (- dlse when the lse output has a gradient), fp32.
 @triton.jit
 def _attn_bwd_delta_kernel(
@@ -286,8 +291,11 @@ def _attn_bwd_delta_kernel(
     H, Sq,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 1-D grid, query tiles fastest: programs in flight share a head's K and V in L2, and
+    # B * H is not bounded by the 65535 limit of a grid's second dimension.
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bh = tl.program_id(0) // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,7 +335,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         if DROPOUT:  # dP of the kept probabilities; delta = rowsum(dO * O) already includes it
-            dp = tl.where(_dropout_keep(seed, row0, offs_m[:, None], offs_n[None, :], Sk, dropout_p), dp * keep_scale, 0.0)
+            keep = _dropout_keep(seed, row0, offs_m[:, None], offs_n[None, :], Sk, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -335,7 +344,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
     return dq
 
 
-# Backward, dQ. Grid (cdiv(Sq, BLOCK_M), B * Hq). Reads its Q, dO tiles, lse and delta once and
+# Backward, dQ. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Reads its Q, dO tiles, lse and delta once and
 # the K, V tiles of its key range once, writes its dQ tile once.
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -356,8 +365,11 @@ def _attn_bwd_dq_kernel(
     MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 1-D grid, query tiles fastest: programs in flight share a head's K and V in L2, and
+    # B * H is not bounded by the 65535 limit of a grid's second dimension.
+    n_m = tl.cdiv(Sq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bh = tl.program_id(0) // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUP
@@ -450,7 +462,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
     return dk, dv
 
 
-# Backward, dK and dV. Grid (cdiv(Sk, BLOCK_N), B * Hkv): each program owns BLOCK_N keys of one
+# Backward, dK and dV. Grid (cdiv(Sk, BLOCK_N) * B * Hkv,): each program owns BLOCK_N keys of one
 # kv head and sums over the query tiles of all GROUP query heads that read it. Reads its K, V
 # tiles once and the Q, dO tiles, lse and delta of its query range once per query head, writes
 # its dK, dV tiles once (and, with MASK_GRAD, dS for the mask).
@@ -474,8 +486,9 @@ def _attn_bwd_dkdv_kernel(
     MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, MASK_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    n_n = tl.cdiv(Sk, BLOCK_N)  # 1-D grid, key tiles fastest
+    pid_n = tl.program_id(0) % n_n
+    pid_bh = tl.program_id(0) // n_n
     b = (pid_bh // HKV).to(tl.int64)
     hk = (pid_bh % HKV).to(tl.int64)
     n0 = pid_n * BLOCK_N
@@ -604,14 +617,15 @@ def _check_qkv(op, query, key, value):
     if query.dtype not in _FLOAT_DTYPES:
         raise LlmfastTypeError(f"{op}: query must be float32, float16 or bfloat16, got {query.dtype}")
     if query.device.type != "cuda" and not _INTERPRET:
-        raise LlmfastTypeError(f"{op}: query must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {query.device}")
+        raise LlmfastTypeError(
+            f"{op}: query must be a CUDA tensor (or run with TRITON_INTERPRET=1), got {query.device}")
     B, Hq, Sq, D = query.shape
     if key.shape[0] != B or key.shape[3] != D:
         raise LlmfastValueError(f"{op}: key must have shape ({B}, Hkv, Sk, {D}), got {tuple(key.shape)}")
     Hkv, Sk = key.shape[1], key.shape[2]
     if tuple(value.shape[:3]) != (B, Hkv, Sk):
         raise LlmfastValueError(f"{op}: value must have shape ({B}, {Hkv}, {Sk}, Dv), got {tuple(value.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if (Hkv == 0 and Hq != 0) or (Hkv != 0 and Hq % Hkv != 0):
         raise LlmfastValueError(f"{op}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     Dv = value.shape[3]
     for name, d in (("query", D), ("value", Dv)):
@@ -703,7 +717,7 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
     window_left, window_right = _normalize_window(window_left, window_right, Sq, Sk)
     cfg = _fwd_config(max(D, Dv), query.element_size(), dev.type == "cuda")
     qk_scale, cap_scale = _scales(scale, softcap)
-    grid = (_cdiv(Sq, cfg.block_m), B * Hq)
+    grid = (_cdiv(Sq, cfg.block_m) * B * Hq,)
     with _device_ctx(dev):
         _attn_fwd_kernel[grid](
             query, key, value, out, lse, mask if mask is not None else query, seed if seed is not None else lse,
@@ -762,12 +776,12 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
     seed_ptr = seed if seed is not None else delta
     with _device_ctx(dev):
         block_pre = 64 if dev.type == "cuda" else 32
-        _attn_bwd_delta_kernel[(_cdiv(Sq, block_pre), B * Hq)](
+        _attn_bwd_delta_kernel[(_cdiv(Sq, block_pre) * B * Hq,)](
             out, grad_out, dlse if dlse is not None else delta, delta,
             *out.stride(), *grad_out.stride(), Hq, Sq,
             DV=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_pre, HAS_DLSE=dlse is not None,
         )
-        _attn_bwd_dkdv_kernel[(_cdiv(Sk, cfg.block_n), B * Hkv)](
+        _attn_bwd_dkdv_kernel[(_cdiv(Sk, cfg.block_n) * B * Hkv,)](
             query, key, value, grad_out, lse, delta, grad_key, grad_value, mask_ptr, seed_ptr,
             grad_mask if mask_grad else delta,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(),
@@ -777,7 +791,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
             **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
             MASK_GRAD=mask_grad, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _attn_bwd_dq_kernel[(_cdiv(Sq, cfg.block_m), B * Hq)](
+        _attn_bwd_dq_kernel[(_cdiv(Sq, cfg.block_m) * B * Hq,)](
             query, key, value, grad_out, lse, delta, grad_query, mask_ptr, seed_ptr,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *grad_query.stride(), *ms,
             Hq, Hq // Hkv, Sq, Sk,
