@@ -2,11 +2,17 @@
 summary.
 
 Files under the output directory (default benchmarks/results/), per device tag ('h100', 'cpu'):
-  <op>_<tag>.json     {"op", "formula", "header": {gpu, versions, date, commit, ceilings},
+  <op>_<tag>.json     {"op", "formula", "metric", "report_memory",
+                       "header": {gpu, versions, date, commit, ceilings},
                        "providers_skipped", "records": [...]}
-  <op>_<tag>.png      effective GB/s per shape and provider, fwd+bwd and fwd, copy ceiling line
+  <op>_<tag>.png      effective GB/s (TFLOP/s for compute-bound ops) per shape and provider,
+                      fwd+bwd and fwd, copy (matmul) ceiling line
   summary_<tag>.md    markdown tables for the README, rebuilt from every <op>_<tag>.json present,
                       so a run of one op keeps the other ops' sections
+
+The rate of an op is its OpSpec.metric: 'GB/s' (counted bytes, % of the copy ceiling) or
+'TFLOP/s' (counted flops, % of the bf16 matmul ceiling). Ops with OpSpec.report_memory show
+each cell's peak extra memory too.
 """
 import glob
 import json
@@ -72,6 +78,47 @@ def _ratio(x):
     return f"{x:.2f}x" if x else "-"
 
 
+def op_display(op, doc=None, records=()):
+    """(metric, report_memory) of an op: from its result file's doc when it says, else from the
+    registered OpSpec, else guessed from the records (TFLOP/s only when they count flops and no
+    bytes)."""
+    doc = doc or {}
+    metric, memory = doc.get("metric"), doc.get("report_memory")
+    if metric is None or memory is None:
+        try:
+            from .spec import op_specs
+
+            spec = op_specs().get(op)
+        except Exception:  # the report must not depend on every op module importing
+            spec = None
+        if metric is None:
+            flops_only = any(r.get("tflops") for r in records) and not any(r.get("gbps") for r in records)
+            metric = spec.metric if spec else ("TFLOP/s" if flops_only else "GB/s")
+        if memory is None:
+            memory = bool(spec and spec.report_memory)
+    return metric, bool(memory)
+
+
+def _rate_key(metric):
+    return "tflops" if metric == "TFLOP/s" else "gbps"
+
+
+def pct_of_ceiling(r, header, metric):
+    """% of the copy ceiling (GB/s ops) or of the bf16 matmul ceiling (TFLOP/s ops), or None."""
+    if r is None:
+        return None
+    if metric == "TFLOP/s":
+        ceiling = header.get("matmul_ceiling_tflops")
+        return 100.0 * r["tflops"] / ceiling if r.get("tflops") and ceiling else None
+    return r.get("pct_of_copy")
+
+
+def fmt_mb(mb):
+    if mb is None:
+        return None
+    return f"{mb / 1024:.1f} GB" if mb >= 1024 else f"{mb:.0f} MB"
+
+
 def _clean(obj):
     """JSON-safe: non-finite floats become None."""
     if isinstance(obj, float):
@@ -84,14 +131,17 @@ def _clean(obj):
 
 
 # --- printed table ------------------------------------------------------------------------------
-def _cell(r, rate_key):
+def _cell(r, rate_key, memory=False):
     if r is None:
         return "-"
     if r.get("status") != "ok":
         return r.get("status", "error")
     rate = r.get(rate_key)
     flag = "" if r.get("err_ok", True) else "!"
-    return f"{fmt_ms(r['ms'])} {fmt_rate(rate)}{flag}" if rate is not None else f"{fmt_ms(r['ms'])}{flag}"
+    text = f"{fmt_ms(r['ms'])} {fmt_rate(rate)}" if rate is not None else fmt_ms(r["ms"])
+    if memory and r.get("peak_extra_mb") is not None:
+        text += " " + fmt_mb(r["peak_extra_mb"]).replace(" ", "")
+    return text + flag
 
 
 def print_table(op, records, header, skipped=None, file=None):
@@ -99,24 +149,34 @@ def print_table(op, records, header, skipped=None, file=None):
     if not records:
         print(f"\n{op}: no results", file=file)
         return
-    rate_key = "gbps" if any(r.get("gbps") for r in records) else "tflops"
-    unit = "GB/s" if rate_key == "gbps" else "TFLOP/s"
+    metric, memory = op_display(op, records=records)
+    rate_key = _rate_key(metric)
+    unit = metric
     dev = header.get("gpu") or f"cpu ({header.get('cpu')}, {header.get('cpu_threads')} threads)"
-    ceiling = header.get("copy_ceiling_gbps")
-    print(f"\n== {op}  {records[0]['dtype']}  on {dev}"
-          + (f"  (copy ceiling {ceiling:.0f} GB/s)" if ceiling else "") + " ==", file=file)
+    if metric == "TFLOP/s":
+        ceiling = header.get("matmul_ceiling_tflops")
+        ceiling_text = f"  (bf16 matmul ceiling {ceiling:.0f} TFLOP/s)" if ceiling else ""
+    else:
+        ceiling = header.get("copy_ceiling_gbps")
+        ceiling_text = f"  (copy ceiling {ceiling:.0f} GB/s)" if ceiling else ""
+    print(f"\n== {op}  {records[0]['dtype']}  on {dev}" + ceiling_text + " ==", file=file)
     for name, why in (skipped or {}).items():
         print(f"   {name}: skipped ({why})", file=file)
     provs = providers_in(records)
-    width = max(16, *(len(p) for p in provs))
-    head = f"{'shape':>12} {'mode':>8} | " + " | ".join(f"{p:>{width}}" for p in provs)
+    groups = _groups(records)
+    memory = memory and any(r.get("peak_extra_mb") is not None for r in records)
+    cells = [len(_cell(g.get(p), rate_key, memory)) for g in groups.values() for p in provs]
+    width = max(16, *(len(p) for p in provs), *cells)
+    sw = max(12, *(len(shape_str(shape)) for shape, _ in groups))
+    head = f"{'shape':>{sw}} {'mode':>8} | " + " | ".join(f"{p:>{width}}" for p in provs)
     head += f" | {'best llmfast':>18} {'vs eager':>8} {'vs compile':>10}"
-    print(f"{'':>12} {'':>8} | " + " | ".join(f"{'ms ' + unit:>{width}}" for _ in provs), file=file)
+    units = "ms " + unit + (" peak+" if memory else "")
+    print(f"{'':>{sw}} {'':>8} | " + " | ".join(f"{units:>{width}}" for _ in provs), file=file)
     print(head, file=file)
     print("-" * len(head), file=file)
-    for (shape, mode), group in _groups(records).items():
-        row = f"{shape_str(shape):>12} {mode:>8} | "
-        row += " | ".join(f"{_cell(group.get(p), rate_key):>{width}}" for p in provs)
+    for (shape, mode), group in groups.items():
+        row = f"{shape_str(shape):>{sw}} {mode:>8} | "
+        row += " | ".join(f"{_cell(group.get(p), rate_key, memory):>{width}}" for p in provs)
         best = best_llmfast(list(group.values()))
         if best:
             row += (f" | {best['provider']:>18} {_ratio(best.get('speedup_vs_torch')):>8} "
@@ -156,8 +216,14 @@ def print_overhead(records, file=None):
 def write_json(out_dir, op, header, records, *, skipped=None, formula="", notes=None, shape_names=None):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{op}_{header['device_tag']}.json")
+    metric, memory = op_display(op, records=records)
+    if metric == "TFLOP/s" and header.get("matmul_ceiling_tflops"):
+        records = [dict(r, pct_of_matmul=pct_of_ceiling(r, header, metric)) if r.get("tflops") else r
+                   for r in records]
     doc = {"op": op, "formula": formula, "shape_names": list(shape_names or ()), "header": header,
            "providers_skipped": skipped or {}, "provider_notes": notes or {}, "records": records}
+    if op != "overhead":
+        doc.update(metric=metric, report_memory=memory)
     with open(path, "w") as f:
         json.dump(_clean(doc), f, indent=1)
         f.write("\n")
@@ -188,7 +254,7 @@ def plot(doc, out_dir):
     modes = [m for m in PLOT_MODES if any(r["mode"] == m for r in records)]
     if not modes:
         return None
-    rate_key = "gbps" if any(r.get("gbps") for r in records) else "tflops"
+    rate_key = _rate_key(op_display(doc["op"], doc, records)[0])
     unit = "effective GB/s" if rate_key == "gbps" else "TFLOP/s"
     header = doc["header"]
     provs = providers_in(doc["records"])
@@ -228,12 +294,18 @@ def plot(doc, out_dir):
     return path
 
 
-def _md_cell(r):
+def _md_cell(r, metric="GB/s", memory=False):
     if r is None:
         return "-"
     if r.get("status") != "ok":
         return r.get("status", "error")
-    rate = f" ({fmt_rate(r['gbps'])} GB/s)" if r.get("gbps") else (f" ({fmt_rate(r['tflops'])} TF)" if r.get("tflops") else "")
+    if metric == "TFLOP/s":
+        parts = [f"{fmt_rate(r['tflops'])} TF"] if r.get("tflops") else []
+    else:
+        parts = [f"{fmt_rate(r['gbps'])} GB/s"] if r.get("gbps") else ([f"{fmt_rate(r['tflops'])} TF"] if r.get("tflops") else [])
+    if memory and r.get("peak_extra_mb") is not None:
+        parts.append(f"+{fmt_mb(r['peak_extra_mb'])}")
+    rate = f" ({', '.join(parts)})" if parts else ""
     flag = "" if r.get("err_ok", True) else " (!)"
     return f"{fmt_ms(r['ms'])} ms{rate}{flag}"
 
@@ -243,9 +315,13 @@ def _md_op(doc, op_order):
     records = doc["records"]
     provs = providers_in(records)
     dtype = records[0]["dtype"] if records else ""
+    metric, memory = op_display(doc["op"], doc, records)
     lines = [f"## {doc['op']}, {dtype}", ""]
     if doc.get("formula"):
-        lines += [f"Bytes: {doc['formula']}.", ""]
+        lines += [f"{'Flops' if metric == 'TFLOP/s' else 'Bytes'}: {doc['formula']}.", ""]
+    if memory and any(r.get("peak_extra_mb") is not None for r in records):
+        lines += ["Cells add the peak memory allocated during one call beyond what was allocated before "
+                  "it, outputs and gradients included (+MB / +GB).", ""]
     meta = f"Run {header.get('date')}, commit {str(header.get('git_commit'))[:12]}"
     meta += " (uncommitted changes)" if header.get("git_dirty") else ""
     meta += ", quick run" if header.get("quick") else ""
@@ -264,14 +340,15 @@ def _md_op(doc, op_order):
         lines.append(f"### {doc['op']} {mode}")
         lines.append("")
         names = doc.get("shape_names") or []
-        cols = [f"shape ({', '.join(names)})" if names else "shape"] + provs + ["best llmfast", "vs torch", "vs torch.compile", "% of copy ceiling"]
+        ceiling_col = "% of matmul ceiling" if metric == "TFLOP/s" else "% of copy ceiling"
+        cols = [f"shape ({', '.join(names)})" if names else "shape"] + provs + ["best llmfast", "vs torch", "vs torch.compile", ceiling_col]
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "---|" * len(cols))
         for key in keys:
             group = groups[key]
             best = best_llmfast(list(group.values()))
-            pct = best.get("pct_of_copy") if best else None
-            row = [shape_str(key[0], " x ")] + [_md_cell(group.get(p)) for p in provs]
+            pct = pct_of_ceiling(best, header, metric)
+            row = [shape_str(key[0], " x ")] + [_md_cell(group.get(p), metric, memory) for p in provs]
             row += [best["provider"] if best else "-",
                     _ratio(best.get("speedup_vs_torch")) if best else "-",
                     _ratio(best.get("speedup_vs_compile")) if best else "-",
@@ -329,6 +406,9 @@ def write_summary(out_dir, tag, op_order=()):
     lines += ["Cells: median time (effective GB/s = counted bytes / median time). Speed-ups are the best "
               "llmfast backend's against torch eager and torch.compile measured in the same run. "
               "Generated by `python -m llmfast.bench` from the JSON files beside this one.", ""]
+    if any(d["op"] != "overhead" and op_display(d["op"], d, d["records"])[0] == "TFLOP/s" for d in docs):
+        lines += ["Ops counted in flops (compute-bound) show TFLOP/s = counted flops / median time instead, "
+                  "and % of the bf16 matmul ceiling.", ""]
     for doc in docs:
         lines += _md_overhead(doc) if doc["op"] == "overhead" else _md_op(doc, order)
     path = os.path.join(out_dir, f"summary_{tag}.md")

@@ -3,7 +3,9 @@
 One record per (op, shape, provider, mode): median/p20/p80 time, effective GB/s (or TFLOP/s),
 % of the measured copy ceiling, peak extra memory (CUDA), the forward's error against
 llmfast.reference, and speed-ups against torch eager and torch.compile measured in the same
-run. A provider that fails records the error and the run goes on.
+run. A provider that fails records the error and the run goes on; one that cannot run a shape
+(spec.Unavailable, or a torch.compile failure) is recorded as skipped. A provider that writes
+over its inputs (Provider.clobbers_inputs) runs on a private copy of them.
 """
 import sys
 import traceback
@@ -11,7 +13,7 @@ import traceback
 import torch
 
 from . import timing
-from .spec import mode_fn, providers_for
+from .spec import Unavailable, mode_fn, providers_for
 
 # Forward output error against llmfast.reference, as max|out - ref| / max(1, max|ref|), above
 # which a result is flagged: a fast wrong kernel must not pass for a fast one.
@@ -60,13 +62,16 @@ def _measure_provider(spec, provider, case, reference, shape, dtype, device, mod
     if provider.note:
         base["note"] = provider.note
     try:
+        if provider.clobbers_inputs:
+            case = case.clone()  # it writes over its inputs: the next providers need them intact
         forward = provider.build(spec, case)
         outputs = forward(case.args)  # first call compiles / autotunes
         max_err = _forward_error(outputs, reference)
         del outputs
     except Exception as exc:
+        case = None
         _free(device)
-        status = "skipped" if provider.family == "torch.compile" else "error"
+        status = "skipped" if provider.family == "torch.compile" or isinstance(exc, Unavailable) else "error"
         what = "torch.compile failed: " if provider.family == "torch.compile" else ""
         log(f"  {provider.name}: {status}: {what}{_err_text(exc)}")
         if verbose:
@@ -109,6 +114,8 @@ def _measure_provider(spec, provider, case, reference, shape, dtype, device, mod
         rec["err_ok"] = max_err <= ERR_TOL.get(dtype, 1e-4)
         records.append(rec)
         rate = f"{rec['gbps']:.1f} GB/s" if rec["gbps"] else (f"{rec['tflops']:.1f} TFLOP/s" if rec["tflops"] else "")
+        if spec.report_memory and rec["peak_extra_mb"] is not None:
+            rate += f"  peak +{rec['peak_extra_mb']:.0f} MB"
         log(f"  {provider.name:18s} {mode:8s} {ms:9.4f} ms  {rate}")
     return records
 
@@ -144,7 +151,8 @@ def run_op(spec, device, dtype, *, quick=False, shapes=None, only=None, modes=No
         try:
             case = spec.make_case(shape, dtype, device)
             with torch.no_grad():
-                reference = spec.reference({k: v.detach() for k, v in case.args.items()})
+                reference = spec.reference({k: v.detach() if isinstance(v, torch.Tensor) else v
+                                            for k, v in case.args.items()})
         except Exception as exc:  # e.g. out of memory for the inputs themselves
             _free(device)
             log(f"  inputs: error: {_err_text(exc)}")

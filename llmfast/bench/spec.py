@@ -2,19 +2,21 @@
 
 An op is one `OpSpec` in a module of llmfast/bench/ops/ (found by file, so a new op is one new
 file there): its shapes, its byte or flop count per mode, how to make random inputs, the torch
-eager function (also compiled, as the torch.compile peer), the llmfast function, and optional
-peers such as Liger-Kernel. `providers_for` turns a spec into the providers of one run.
+eager function (also compiled, as the torch.compile peer), the llmfast function, optional
+variants of it (e.g. an option that trades safety for memory) and optional peers such as
+Liger-Kernel. `providers_for` turns a spec into the providers of one run.
 """
 import dataclasses
 import importlib
 import pkgutil
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
 import llmfast
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+METRICS = ("GB/s", "TFLOP/s")  # OpSpec.metric: memory-bound ops count bytes, compute-bound ones flops
 
 
 class Unavailable(Exception):
@@ -24,19 +26,27 @@ class Unavailable(Exception):
 @dataclasses.dataclass
 class Case:
     """Inputs of one shape. `args` are passed to every provider's forward; gradients are taken
-    with respect to `args[name]` for name in `grad_names`, with `grad_outputs` (one random
-    tensor per forward output) as the incoming gradients."""
-    args: Dict[str, torch.Tensor]
+    with respect to `args[name]` for name in `grad_names`, with `grad_outputs` (one tensor per
+    forward output) as the incoming gradients. Values of `args` that are not tensors are
+    options passed as they are (e.g. is_causal); torch.compile specializes on them."""
+    args: Dict[str, Any]
     grad_names: Tuple[str, ...]
     grad_outputs: Tuple[torch.Tensor, ...]
 
     @property
     def device(self):
-        return next(iter(self.args.values())).device
+        return next(v for v in self.args.values() if isinstance(v, torch.Tensor)).device
 
     @property
     def grad_inputs(self):
         return tuple(self.args[n] for n in self.grad_names)
+
+    def clone(self):
+        """A private copy of the inputs (new leaf tensors, same values and requires_grad), for a
+        provider that writes over its inputs; grad_outputs are shared (never written)."""
+        args = {k: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+                for k, v in self.args.items()}
+        return Case(args, self.grad_names, self.grad_outputs)
 
 
 @dataclasses.dataclass
@@ -54,12 +64,32 @@ class OpSpec:
     bytes: Optional[Callable[[Tuple[int, ...], int, str], int]] = None
     flops: Optional[Callable[[Tuple[int, ...], str], float]] = None
     formula: str = ""
-    # peer name -> factory(device) returning a forward like `eager`, or raising Unavailable
+    # peer name -> factory(device) returning a forward like `eager`, or raising Unavailable (a
+    # forward may raise Unavailable too, for a shape the peer cannot run: recorded as skipped)
     peers: Dict[str, Callable[[torch.device], Callable]] = dataclasses.field(default_factory=dict)
+    # notes for the report, by provider name (a peer's, 'torch', or a variant's 'llmfast-*-<name>')
     peer_notes: Dict[str, str] = dataclasses.field(default_factory=dict)
     modes: Tuple[str, ...] = MODES
     shape_names: Tuple[str, ...] = ("M", "N")  # what the shape's dims are, for table headers
     order: int = 100  # position in tables and in the default op list
+    # the rate of the tables and charts: 'GB/s' (from `bytes`, % of the copy ceiling) or
+    # 'TFLOP/s' (from `flops`, % of the bf16 matmul ceiling)
+    metric: str = "GB/s"
+    # show each cell's peak extra memory (CUDA) in the tables, where it is part of the story
+    report_memory: bool = False
+    # llmfast backends that have kernels for this op (None: every backend); the others are
+    # reported as skipped instead of failing
+    backends: Optional[Tuple[str, ...]] = None
+    # variant name -> forward like `llmfast_fn`, run under each kernel backend (not 'reference')
+    # as provider 'llmfast-<backend>-<variant>', e.g. an in-place option
+    variants: Dict[str, Callable[[Dict[str, Any]], Tuple[torch.Tensor, ...]]] = dataclasses.field(default_factory=dict)
+    # names of peers and variants that write over their inputs: each gets a private copy of
+    # every shape's inputs (Case.clone), so the providers after it see intact data
+    clobbers: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"llmfast.bench: op {self.name!r}: metric must be one of {METRICS}, got {self.metric!r}")
 
     def shapes_for(self, device, quick):
         table = self.quick_shapes if quick else self.shapes
@@ -73,6 +103,7 @@ class Provider:
     # build(spec, case) -> forward(args) -> tuple of outputs; called once per shape
     build: Callable[[OpSpec, Case], Callable]
     note: str = ""
+    clobbers_inputs: bool = False  # writes over its inputs: the runner gives it a private copy
 
 
 _REGISTRY: Dict[str, OpSpec] = {}
@@ -113,13 +144,16 @@ def llmfast_backends(device, include_slow=False):
     return names
 
 
-def _llmfast_provider(backend):
+def _llmfast_provider(backend, variant=None, note="", clobbers=False):
     def build(spec, case):
+        fn = spec.variants[variant] if variant else spec.llmfast_fn
+
         def forward(args):
             with llmfast.use_backend(backend):
-                return spec.llmfast_fn(args)
+                return fn(args)
         return forward
-    return Provider(f"llmfast-{backend}", "llmfast", build)
+    name = f"llmfast-{backend}" + (f"-{variant}" if variant else "")
+    return Provider(name, "llmfast", build, note, clobbers)
 
 
 def _eager_build(spec, case):
@@ -133,20 +167,32 @@ def _compile_build(spec, case):
     return torch.compile(spec.eager, dynamic=False)
 
 
-def _peer_provider(name, factory, note):
+def _peer_provider(name, factory, note, clobbers=False):
     def build(spec, case):
         return factory(case.device)
-    return Provider(name, "peer", build, note)
+    return Provider(name, "peer", build, note, clobbers)
 
 
 def providers_for(spec, device, only=None):
     """(providers, skipped) for `spec` on `device`; skipped maps provider name -> reason.
-    `only`, if given, keeps the named providers (and may name 'llmfast-triton' on the CPU)."""
-    include_slow = bool(only) and "llmfast-triton" in only
-    providers = [_llmfast_provider(b) for b in llmfast_backends(device, include_slow)]
+    `only`, if given, keeps the named providers (and may name 'llmfast-triton' or one of its
+    variants on the CPU)."""
+    include_slow = bool(only) and any(n == "llmfast-triton" or n.startswith("llmfast-triton-") for n in only)
+    providers, skipped = [], {}
+    for b in llmfast_backends(device, include_slow):
+        if spec.backends is not None and b not in spec.backends:
+            skipped[f"llmfast-{b}"] = (f"llmfast has no {b} kernels for {spec.name} "
+                                       f"(only {', '.join(spec.backends)})")
+            continue
+        providers.append(_llmfast_provider(b))
+    for variant in spec.variants:
+        for b in llmfast_backends(device, include_slow):
+            if b != "reference" and (spec.backends is None or b in spec.backends):
+                name = f"llmfast-{b}-{variant}"
+                note = spec.peer_notes.get(name, spec.peer_notes.get(f"llmfast-*-{variant}", ""))
+                providers.append(_llmfast_provider(b, variant, note, variant in spec.clobbers))
     providers.append(Provider("torch", "torch", _eager_build))
     providers.append(Provider("torch.compile", "torch.compile", _compile_build))
-    skipped = {}
     for name, factory in spec.peers.items():
         try:
             factory(device)  # probe: raises Unavailable when the peer cannot run here
@@ -156,7 +202,7 @@ def providers_for(spec, device, only=None):
         except Exception as exc:  # a broken install must not stop the run
             skipped[name] = f"{type(exc).__name__}: {exc}"
             continue
-        providers.append(_peer_provider(name, factory, spec.peer_notes.get(name, "")))
+        providers.append(_peer_provider(name, factory, spec.peer_notes.get(name, ""), name in spec.clobbers))
     if only:
         missing = [n for n in only if n not in {p.name for p in providers} and n not in skipped]
         for n in missing:
@@ -168,7 +214,9 @@ def providers_for(spec, device, only=None):
 
 def all_provider_names(spec):
     """Every provider name `spec` can have anywhere (for test parametrization)."""
-    return [f"llmfast-{b}" for b in llmfast.BACKENDS] + ["torch", "torch.compile"] + list(spec.peers)
+    backends = [b for b in llmfast.BACKENDS if spec.backends is None or b in spec.backends]
+    variants = [f"llmfast-{b}-{v}" for v in spec.variants for b in backends if b != "reference"]
+    return [f"llmfast-{b}" for b in backends] + variants + ["torch", "torch.compile"] + list(spec.peers)
 
 
 def mode_fn(forward, case, mode):
