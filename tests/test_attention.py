@@ -27,7 +27,8 @@ import llmfast.functional as LF
 from conftest import DEVICES, backends_for
 from llmfast.reference.attention import attention as reference_attention
 
-KERNEL_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d) if b == "triton"]
+KERNEL_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d) if b in ("triton", "cpu")]
+ALL_DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
@@ -133,9 +134,14 @@ def _check(device, backend, dtype, case, seed_text=None):
     assert (kernel_grads[0][dead] == 0).all(), f"{name}: fully masked rows get a zero dq"
 
 
+# Triton's interpreter (the CPU runs of the triton backend) computes bf16 tl.dot wrongly, so
+# bf16 runs only on GPUs there; the C++ CPU kernels take every dtype.
+MATCH_PARAMS = [pytest.param(d, b, dt, id=f"{d}-{b}-{DTYPE_IDS(dt)}") for d in DEVICES for b in backends_for(d)
+                if b in ("triton", "cpu") for dt in (ALL_DTYPES if b == "cpu" else DTYPES)]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+@pytest.mark.parametrize("device,backend,dtype", MATCH_PARAMS)
 def test_matches_reference(device, backend, dtype, case, poison):
     _check(device, backend, dtype, case)
 
@@ -278,14 +284,19 @@ def test_lse_gradient(device, backend):
 def test_backend_choice():
     q = torch.randn(1, 2, 5, 16)
     expected = llmfast.reference.scaled_dot_product_attention(q, q, q)
-    # auto on CPU tensors: no CPU attention kernel, so the reference path.
+    # auto on CPU tensors: the C++ kernels when llmfast._C is built, else the reference path.
     torch.testing.assert_close(LF.scaled_dot_product_attention(q, q, q), expected)
-    if "cpu" in llmfast.available_backends():
-        with llmfast.use_backend("cpu"), pytest.raises(llmfast.BackendUnavailableError, match="no attention kernels"):
-            LF.scaled_dot_product_attention(q, q, q)
     big = torch.randn(1, 1, 3, 264)
     torch.testing.assert_close(LF.scaled_dot_product_attention(big, big, big),
                                llmfast.reference.scaled_dot_product_attention(big, big, big))
+    if "cpu" in llmfast.available_backends():
+        # The C++ kernels have no head-dim limit: a forced 'cpu' serves D = 264 itself.
+        with llmfast.use_backend("cpu"):
+            torch.testing.assert_close(LF.scaled_dot_product_attention(big, big, big),
+                                       llmfast.reference.scaled_dot_product_attention(big, big, big))
+        if torch.cuda.is_available():
+            with llmfast.use_backend("cpu"), pytest.raises(llmfast.BackendUnavailableError, match="cannot run"):
+                LF.scaled_dot_product_attention(q.cuda(), q.cuda(), q.cuda())
     if KERNEL_PARAMS:
         device = KERNEL_PARAMS[0].values[0]
         big = big.to(device)
@@ -331,11 +342,63 @@ def test_bad_input_names_the_argument(device, backend):
                 call()
 
 
+@pytest.mark.skipif("cpu" not in llmfast.available_backends(), reason="llmfast._C is not built")
+def test_cpu_op_checks_name_the_argument():
+    """The C++ op checks its own contract (it can be called without llmfast.functional)."""
+    fwd, bwd = torch.ops.llmfast.attention_fwd, torch.ops.llmfast.attention_bwd
+    q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 7, 16)
+    cases = [
+        (lambda: fwd(q, torch.randn(1, 3, 7, 16), torch.randn(1, 3, 7, 16), None, 1.0, -1, -1, 0.0, 0.0, None),
+         "multiple of key's heads"),
+        (lambda: fwd(q, k[..., :8], k, None, 1.0, -1, -1, 0.0, 0.0, None), "key must have shape"),
+        (lambda: fwd(q, k, k[:, :, :6], None, 1.0, -1, -1, 0.0, 0.0, None), "value must have shape"),
+        (lambda: fwd(q, k.half(), k, None, 1.0, -1, -1, 0.0, 0.0, None), "key must have query's dtype"),
+        (lambda: fwd(q[0], k, k, None, 1.0, -1, -1, 0.0, 0.0, None), "query must be 4-D"),
+        (lambda: fwd(q, k, k, torch.ones(1, 4, 5, 6), 1.0, -1, -1, 0.0, 0.0, None), "attn_mask must have shape"),
+        (lambda: fwd(q, k, k, torch.ones(1, 4, 5, 7, dtype=torch.int32), 1.0, -1, -1, 0.0, 0.0, None),
+         "attn_mask must be bool or floating"),
+        (lambda: fwd(q, k, k, None, 1.0, -1, -1, 0.0, 0.5, None), "seed must be given"),
+        (lambda: fwd(q, k, k, None, 1.0, -1, -1, 0.0, 0.5, torch.zeros(2, dtype=torch.int64)), "seed must be"),
+        (lambda: fwd(q, k, k, None, 1.0, -2, -1, 0.0, 0.0, None), "window_left"),
+        (lambda: bwd(torch.randn(1, 4, 5, 8), q, k, k, torch.randn(1, 4, 5, 16), torch.randn(1, 4, 5), None,
+                     None, 1.0, -1, -1, 0.0, 0.0, None, False), "grad_out must have shape"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            call()
+
+
+@pytest.mark.skipif("cpu" not in llmfast.available_backends(), reason="llmfast._C is not built")
+def test_cpu_kernels_are_deterministic_and_threaded_alike():
+    """The backward has no atomics: one thread and all threads give bitwise the same gradients."""
+    torch.manual_seed(13)
+    q = torch.randn(2, 4, 150, 32, requires_grad=True)
+    k, v = (torch.randn(2, 2, 170, 32, requires_grad=True) for _ in range(2))
+
+    def run():
+        with llmfast.use_backend("cpu"):
+            out = LF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+    many = run()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(many, one):
+        assert torch.equal(a, b)
+
+
 # --- torch.library: opcheck and torch.compile ---------------------------------------------------
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 def test_opcheck(device, backend):
     torch.manual_seed(9)
-    fwd, bwd = torch.ops.llmfast.triton_attention_fwd, torch.ops.llmfast.triton_attention_bwd
+    if backend == "triton":
+        fwd, bwd = torch.ops.llmfast.triton_attention_fwd, torch.ops.llmfast.triton_attention_bwd
+    else:
+        fwd, bwd = torch.ops.llmfast.attention_fwd, torch.ops.llmfast.attention_bwd
     q = torch.randn(1, 2, 9, 16, device=device, requires_grad=True)
     k = torch.randn(1, 1, 11, 16, device=device, requires_grad=True)
     v = torch.randn(1, 1, 11, 8, device=device, requires_grad=True)
@@ -374,7 +437,7 @@ def test_torch_compile_fullgraph(device, backend):
 
 # --- nn modules -------------------------------------------------------------------------------
 NN_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
-             if b in ("triton", "reference")]
+             if b in ("triton", "cpu", "reference")]
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, for config 5

@@ -1,9 +1,10 @@
 """Registers the attention ops with torch.library.
 
+Two op pairs share one contract:
+  llmfast::attention_fwd / attention_bwd                 C++ schemas (csrc/attention/); CPU
+                                                          kernels in llmfast._C
   llmfast::triton_attention_fwd / triton_attention_bwd   Python custom ops around
                                                           llmfast/triton/attention.py
-(The C++ CPU and CUDA kernels are not written yet; when they are, llmfast::attention_fwd /
-attention_bwd get C++ schemas with this contract, and the same fake kernels and autograd.)
 
 Contract (see llmfast/triton/attention.py): 4-D (B, H, S, D) query/key/value with any strides,
 attn_mask None or (B, Hq, Sq, Sk) (an expanded view), the causal flag folded into
@@ -17,6 +18,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .. import _extension
 
 # The largest head dim (query's and value's) of the Triton kernels (llmfast/triton/attention.py
 # asserts the same number; kept here so that checking it does not import triton).
@@ -99,22 +102,36 @@ class AttentionFunction(torch.autograd.Function):
 
 def attention_forward(backend, query, key, value, attn_mask, scale, window_left, window_right, softcap,
                       dropout_p, seed):
-    """Runs the forward of `backend` (only 'triton' has kernels so far) on 4-D tensors and
-    returns (out, lse), differentiable in eager mode and under torch.compile."""
-    if backend != "triton":
-        raise NotImplementedError(f"llmfast attention: no {backend!r} kernels yet (only 'triton' and 'reference')")
+    """Runs the forward of `backend` ('triton' or 'cpu') on 4-D tensors and returns (out, lse),
+    differentiable in eager mode and under torch.compile."""
+    if backend not in ("triton", "cpu"):
+        raise NotImplementedError(f"llmfast attention: no {backend!r} kernels yet (only 'triton', 'cpu' and "
+                                  f"'reference')")
     args = (query, key, value, attn_mask, scale, window_left, window_right, softcap, dropout_p, seed)
     if torch.compiler.is_compiling():
-        return torch.ops.llmfast.triton_attention_fwd(*args)
-    from ..triton import attention as kernels
+        fwd = torch.ops.llmfast.triton_attention_fwd if backend == "triton" else torch.ops.llmfast.attention_fwd
+        return fwd(*args)
+    if backend == "triton":
+        from ..triton import attention as kernels
+
+        fwd_op, bwd_op = kernels.attention_fwd, kernels.attention_bwd
+    else:
+        fwd_op, bwd_op = torch.ops.llmfast.attention_fwd.default, torch.ops.llmfast.attention_bwd.default
 
     if torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
         or (attn_mask is not None and attn_mask.requires_grad)
     ):
-        return AttentionFunction.apply(kernels.attention_fwd, kernels.attention_bwd, *args)
+        return AttentionFunction.apply(fwd_op, bwd_op, *args)
     with torch._C._AutoDispatchBelowADInplaceOrView():
-        return kernels.attention_fwd(*args)
+        return fwd_op(*args)
+
+
+# --- C++ kernels from llmfast._C ---------------------------------------------------------------
+if _extension.has_extension and hasattr(torch.ops.llmfast, "attention_fwd"):  # a stale _C may predate it
+    torch.library.register_fake("llmfast::attention_fwd")(_fwd_fake)
+    torch.library.register_fake("llmfast::attention_bwd")(_bwd_fake)
+    _register_autograd("llmfast::attention_fwd", torch.ops.llmfast.attention_bwd.default)
 
 
 # --- Triton kernels ---------------------------------------------------------------------------

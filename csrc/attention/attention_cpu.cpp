@@ -1,0 +1,663 @@
+// CPU kernels of llmfast::attention_fwd / llmfast::attention_bwd: tiled FlashAttention on the
+// CPU, never materialising the (Sq, Sk) score matrix. The contract is in attention_ops.cpp; the
+// math is llmfast/reference/attention.py.
+//
+// Forward: one task per (batch, query head, block of kBlockM queries). The query tile is widened
+// to fp32 once; key/value tiles of kBlockN keys stream past (widened to fp32 per tile; the
+// tile products go through ATen's fp32 brgemm micro-kernel, or vectorizable loops where this
+// torch build has none), with the online softmax
+//     s = softcap(scale q k^T) (+ mask), m_new = max(m, rowmax s), p = exp(s - m_new)
+//     l = l exp(m - m_new) + rowsum p,   acc = acc exp(m - m_new) + dropout(p) v
+// and out = acc / l, lse = m + log l (fp32). Rows with no visible key keep l = 0: out = 0 and
+// lse = -inf. Key tiles entirely outside the causal band / window are skipped.
+// Backward (FlashAttention-2 partitioning, no atomics, deterministic): delta = rowsum(dO O) -
+// dlse first, then P = exp(s - lse) is recomputed twice: by tasks that own kBlockN keys of one
+// (batch, kv head) and loop over the query tiles of every query head of its group (dK, dV,
+// GQA summed in the task), and by tasks that own kBlockM queries of one (batch, query head)
+// (dQ, and the mask gradient when an additive mask asks for one: the only case that writes a
+// (B, Hq, Sq, Sk) tensor):
+//     dV += P^T dO;  dP = dO V^T;  dS = P (dP - delta);  dK += scale dS^T Q;  dQ += scale dS K
+// (times 1 - tanh^2 under softcap; with dropout P and dP of kept entries are scaled by
+// 1 / (1 - dropout_p), dropped ones are zero). Dropout draws a counter-based hash of (seed,
+// batch, head, query, key), so the backward redraws the forward's pattern without storing it.
+//
+// Memory traffic: the forward reads Q once and K, V once per query tile, writes O and lse once;
+// the backward reads K, V once per query tile per pass and Q, dO once per key tile, writes dQ,
+// dK, dV once. A mask is read once per visited tile element (any strides, so a key-padding
+// mask (B, 1, 1, Sk) expanded to (B, Hq, Sq, Sk) costs no copy). Offsets are 64-bit. Working
+// memory per task is a few tiles of fp32 (tens of KB at D = 128).
+//
+// Build note: at::parallel_for runs on several threads only with -fopenmp (see setup.py).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace llmfast {
+namespace {
+
+constexpr const char* kFwd = "llmfast::attention_fwd";
+constexpr const char* kBwd = "llmfast::attention_bwd";
+constexpr int64_t kBlockM = 64;  // queries per tile
+constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ATen's fp32 brgemm (oneDNN's micro-kernel, single-threaded, safe inside at::parallel_for) when
+// this torch build has a working one, checked once on a small product; otherwise (or with
+// LLMFAST_ATTENTION_GEMM=loops) plain loops that the compiler vectorizes.
+bool use_brgemm() {
+  static const bool ok = [] {
+    const char* env = std::getenv("LLMFAST_ATTENTION_GEMM");
+    if (env != nullptr && std::strcmp(env, "loops") == 0) return false;
+    try {
+      const float a[4] = {1.f, 2.f, 3.f, 4.f}, b[4] = {5.f, 6.f, 7.f, 8.f};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, false);
+      at::native::cpublas::brgemm_release();
+      return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// Row-major C (M x N, ld ldc) = A (M x K, ld lda) B (K x N, ld ldb), added to C when `add`.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float* C, int64_t ldc, bool add) {
+  if (M == 0 || N == 0) return;
+  if (K > 0 && use_brgemm()) {
+    at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    float* c = C + m * ldc;
+    if (!add) std::fill(c, c + N, 0.f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A[m * lda + k];
+      const float* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// dst (cols x rows, ld ldd) = src (rows x cols, ld lds) transposed.
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+               int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
+// Everything a tile needs to know, shared by forward and backward.
+struct Problem {
+  int64_t B, Hq, Hkv, G, Sq, Sk, D, Dv;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t qs[4], ks[4], vs[4];
+  const void* mask = nullptr;  // nullptr: no mask
+  at::ScalarType mask_type = at::kBool;
+  int64_t ms[4] = {0, 0, 0, 0};
+  float scale;
+  int64_t left, right;  // -1 = unbounded
+  float softcap;        // 0 = off
+  float dropout_p;
+  float keep_scale;     // 1 / (1 - dropout_p)
+  uint64_t seed;
+
+  // The keys [lo, hi) that query rows [i0, i1) may see under the band.
+  void key_range(int64_t i0, int64_t i1, int64_t* lo, int64_t* hi) const {
+    *lo = left >= 0 ? std::max<int64_t>(0, i0 - left) : 0;
+    *hi = right >= 0 ? std::min<int64_t>(Sk, i1 - 1 + right + 1) : Sk;
+  }
+  // The queries [lo, hi) that may see keys [j0, j1).
+  void query_range(int64_t j0, int64_t j1, int64_t* lo, int64_t* hi) const {
+    *lo = right >= 0 ? std::max<int64_t>(0, j0 - right) : 0;
+    *hi = left >= 0 ? std::min<int64_t>(Sq, j1 - 1 + left + 1) : Sq;
+  }
+  bool in_band(int64_t i, int64_t j) const {
+    return (left < 0 || j >= i - left) && (right < 0 || j <= i + right);
+  }
+  // Dropout: true when probability (b, h, i, j) is kept. splitmix64 of the element's counter.
+  bool keep(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    uint64_t x = seed + 0x9E3779B97F4A7C15ull *
+                            (static_cast<uint64_t>(((b * Hq + h) * Sq + i) * Sk + j) + 1);
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
+    return u >= dropout_p;
+  }
+};
+
+// dst[r * ld + c] = src[r * rs + c * cs] for r < rows, c < cols (widened to fp32).
+template <typename T>
+void load_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst,
+               int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    if (cs == 1) {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<float>(s[c * cs]);
+    }
+  }
+}
+
+// dst[c * ld + r] = src[r * rs + c * cs]: a transposed tile (columns of length ld = kBlockN).
+template <typename T>
+void load_transposed(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
+                     float* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<float>(s[c * cs]);
+  }
+}
+
+// Adds the mask row (b, h, i, j0 .. j0 + nj) to s (or sets -inf where a bool mask is false).
+void apply_mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nj,
+                    float* s) {
+  const int64_t off = b * p.ms[0] + h * p.ms[1] + i * p.ms[2] + j0 * p.ms[3];
+  const int64_t st = p.ms[3];
+  switch (p.mask_type) {
+    case at::kBool: {
+      const bool* m = static_cast<const bool*>(p.mask) + off;
+      for (int64_t j = 0; j < nj; ++j) {
+        if (!m[j * st]) s[j] = kNegInf;
+      }
+      break;
+    }
+    case at::kFloat: {
+      const float* m = static_cast<const float*>(p.mask) + off;
+      for (int64_t j = 0; j < nj; ++j) s[j] += m[j * st];
+      break;
+    }
+    case at::kDouble: {
+      const double* m = static_cast<const double*>(p.mask) + off;
+      for (int64_t j = 0; j < nj; ++j) s[j] += static_cast<float>(m[j * st]);
+      break;
+    }
+    case at::kHalf: {
+      const at::Half* m = static_cast<const at::Half*>(p.mask) + off;
+      for (int64_t j = 0; j < nj; ++j) s[j] += static_cast<float>(m[j * st]);
+      break;
+    }
+    case at::kBFloat16: {
+      const at::BFloat16* m = static_cast<const at::BFloat16*>(p.mask) + off;
+      for (int64_t j = 0; j < nj; ++j) s[j] += static_cast<float>(m[j * st]);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "llmfast attention: unsupported attn_mask dtype ", p.mask_type);
+  }
+}
+
+// Scores of query rows [i0, i0 + ni) (fp32 tile qf, ld D) against keys [j0, j0 + nj) (kt: the
+// transposed key tile, ld kBlockN): s (ld kBlockN) = mask(softcap(scale q k^T)); th (if not
+// null) gets tanh(scale q k^T / softcap) for the softcap backward.
+void score_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0,
+                int64_t nj, const float* qf, const float* kt, float* s, float* th) {
+  gemm(ni, nj, p.D, qf, p.D, kt, kBlockN, s, kBlockN, false);
+  for (int64_t r = 0; r < ni; ++r) {
+    float* srow = s + r * kBlockN;
+    if (p.softcap > 0.f) {
+      const float inv = p.scale / p.softcap;
+      for (int64_t j = 0; j < nj; ++j) {
+        const float t = std::tanh(srow[j] * inv);
+        if (th != nullptr) th[r * kBlockN + j] = t;
+        srow[j] = p.softcap * t;
+      }
+    } else {
+      for (int64_t j = 0; j < nj; ++j) srow[j] *= p.scale;
+    }
+    const int64_t i = i0 + r;
+    if (p.mask != nullptr) apply_mask_row(p, b, h, i, j0, nj, srow);
+    if (p.left >= 0 || p.right >= 0) {
+      for (int64_t j = 0; j < nj; ++j) {
+        if (!p.in_band(i, j0 + j)) srow[j] = kNegInf;
+      }
+    }
+  }
+}
+
+// --- forward ---------------------------------------------------------------------------------
+template <typename T>
+void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float* lse,
+              std::vector<float>& buf) {
+  const int64_t D = p.D, Dv = p.Dv;
+  const int64_t i0 = qb * kBlockM, ni = std::min(kBlockM, p.Sq - i0);
+  const int64_t hk = h / p.G;
+  float* qf = buf.data();                // kBlockM x D
+  float* kt = qf + kBlockM * D;          // D x kBlockN
+  float* vf = kt + D * kBlockN;          // kBlockN x Dv
+  float* s = vf + kBlockN * Dv;          // kBlockM x kBlockN
+  float* acc = s + kBlockM * kBlockN;    // kBlockM x Dv
+  float* m = acc + kBlockM * Dv;         // kBlockM
+  float* l = m + kBlockM;                // kBlockM
+
+  const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
+  load_rows(qp, p.qs[2], p.qs[3], ni, D, qf, D);
+  std::fill(acc, acc + ni * Dv, 0.f);
+  std::fill(m, m + ni, kNegInf);
+  std::fill(l, l + ni, 0.f);
+
+  int64_t jlo, jhi;
+  p.key_range(i0, i0 + ni, &jlo, &jhi);
+  const T* kbase = static_cast<const T*>(p.k) + b * p.ks[0] + hk * p.ks[1];
+  const T* vbase = static_cast<const T*>(p.v) + b * p.vs[0] + hk * p.vs[1];
+  for (int64_t j0 = (jlo / kBlockN) * kBlockN; j0 < jhi; j0 += kBlockN) {
+    const int64_t nj = std::min(kBlockN, p.Sk - j0);
+    load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, kt, kBlockN);
+    load_rows(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, vf, Dv);
+    score_tile(p, b, h, i0, ni, j0, nj, qf, kt, s, nullptr);
+    for (int64_t r = 0; r < ni; ++r) {
+      float* srow = s + r * kBlockN;
+      float mx = m[r];
+      for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, srow[j]);
+      if (mx == kNegInf) {  // nothing visible yet: this tile adds nothing to the row
+        std::fill(srow, srow + nj, 0.f);
+        continue;
+      }
+      const float alpha = std::exp(m[r] - mx);  // 0 when m was -inf
+      float sum = 0.f;
+      for (int64_t j = 0; j < nj; ++j) {
+        srow[j] = std::exp(srow[j] - mx);
+        sum += srow[j];
+      }
+      l[r] = l[r] * alpha + sum;  // the softmax denominator counts dropped entries too
+      m[r] = mx;
+      float* a = acc + r * Dv;
+      for (int64_t e = 0; e < Dv; ++e) a[e] *= alpha;
+      if (p.dropout_p > 0.f) {
+        for (int64_t j = 0; j < nj; ++j) {
+          srow[j] = p.keep(b, h, i0 + r, j0 + j) ? srow[j] * p.keep_scale : 0.f;
+        }
+      }
+    }
+    gemm(ni, Dv, nj, s, kBlockN, vf, Dv, acc, Dv, true);  // acc += dropout(p) v
+  }
+  for (int64_t r = 0; r < ni; ++r) {
+    T* o = out + r * Dv;
+    if (l[r] > 0.f) {
+      const float inv = 1.f / l[r];
+      for (int64_t e = 0; e < Dv; ++e) o[e] = static_cast<T>(acc[r * Dv + e] * inv);
+      lse[r] = m[r] + std::log(l[r]);
+    } else {
+      for (int64_t e = 0; e < Dv; ++e) o[e] = static_cast<T>(0.f);
+      lse[r] = kNegInf;
+    }
+  }
+}
+
+// --- checks and problem setup ----------------------------------------------------------------
+Problem make_problem(const char* op, const at::Tensor& query, const at::Tensor& key,
+                     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
+                     double scale, int64_t window_left, int64_t window_right, double softcap,
+                     double dropout_p, const std::optional<at::Tensor>& seed) {
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{query, "query"},
+                         {key, "key"}, {value, "value"}}) {
+    LLMFAST_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got ", t.device());
+    LLMFAST_CHECK(t.dim() == 4, op, name, " must be 4-D (B, H, S, D), got shape ", t.sizes());
+    check_floating(t, op, name);
+    LLMFAST_CHECK(t.scalar_type() == query.scalar_type(), op, name,
+                  " must have query's dtype (", query.scalar_type(), "), got ", t.scalar_type());
+  }
+  Problem p;
+  p.B = query.size(0);
+  p.Hq = query.size(1);
+  p.Sq = query.size(2);
+  p.D = query.size(3);
+  p.Hkv = key.size(1);
+  p.Sk = key.size(2);
+  p.Dv = value.size(3);
+  LLMFAST_CHECK(key.size(0) == p.B && key.size(3) == p.D, op, "key must have shape (", p.B,
+                ", Hkv, Sk, ", p.D, "), got ", key.sizes());
+  LLMFAST_CHECK(value.size(0) == p.B && value.size(1) == p.Hkv && value.size(2) == p.Sk, op,
+                "value must have shape (", p.B, ", ", p.Hkv, ", ", p.Sk, ", Dv), got ",
+                value.sizes());
+  LLMFAST_CHECK(p.Hkv > 0 ? p.Hq % p.Hkv == 0 : p.Hq == 0, op, "query's heads (", p.Hq,
+                ") must be a multiple of key's heads (", p.Hkv, ")");
+  p.G = p.Hkv > 0 ? p.Hq / p.Hkv : 1;
+  p.q = query.const_data_ptr();
+  p.k = key.const_data_ptr();
+  p.v = value.const_data_ptr();
+  for (int i = 0; i < 4; ++i) {
+    p.qs[i] = query.stride(i);
+    p.ks[i] = key.stride(i);
+    p.vs[i] = value.stride(i);
+  }
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    LLMFAST_CHECK(m.device().is_cpu(), op, "attn_mask must be a CPU tensor, got ", m.device());
+    LLMFAST_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.Sq &&
+                      m.size(3) == p.Sk,
+                  op, "attn_mask must have shape (", p.B, ", ", p.Hq, ", ", p.Sq, ", ", p.Sk,
+                  ") (an expanded view is fine), got ", m.sizes());
+    const auto mt = m.scalar_type();
+    LLMFAST_CHECK(mt == at::kBool || mt == at::kFloat || mt == at::kHalf ||
+                      mt == at::kBFloat16 || mt == at::kDouble,
+                  op, "attn_mask must be bool or floating, got ", mt);
+    p.mask = m.const_data_ptr();
+    p.mask_type = mt;
+    for (int i = 0; i < 4; ++i) p.ms[i] = m.stride(i);
+  }
+  LLMFAST_CHECK(window_left >= -1 && window_right >= -1, op,
+                "window_left / window_right must be >= -1, got ", window_left, ", ",
+                window_right);
+  LLMFAST_CHECK(softcap >= 0.0, op, "softcap must be >= 0 (0 = off), got ", softcap);
+  LLMFAST_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, "dropout_p must be in [0, 1), got ",
+                dropout_p);
+  p.scale = static_cast<float>(scale);
+  p.left = window_left;
+  p.right = window_right;
+  p.softcap = static_cast<float>(softcap);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.seed = 0;
+  if (dropout_p > 0.0) {
+    LLMFAST_CHECK(seed.has_value(), op, "seed must be given when dropout_p > 0");
+    LLMFAST_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong &&
+                      seed->numel() == 1,
+                  op, "seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(),
+                  " of shape ", seed->sizes(), " on ", seed->device());
+    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
+    int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& seed) {
+  const Problem p = make_problem(kFwd, query, key, value, attn_mask, scale, window_left,
+                                 window_right, softcap, dropout_p, seed);
+  at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, query.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, query.options().dtype(at::kFloat));
+  if (p.B * p.Hq * p.Sq == 0) return {out, lse};
+  const int64_t nqb = cdiv(p.Sq, kBlockM);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_fwd_cpu",
+                                  [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    float* ls = lse.mutable_data_ptr<float>();
+    at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(kBlockM * p.D + p.D * kBlockN + kBlockN * p.Dv +
+                             kBlockM * kBlockN + kBlockM * p.Dv + 2 * kBlockM);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t qb = t % nqb, bh = t / nqb;
+        const int64_t b = bh / p.Hq, h = bh % p.Hq;
+        const int64_t row = bh * p.Sq + qb * kBlockM;
+        fwd_tile<scalar_t>(p, b, h, qb, o + row * p.Dv, ls + row, buf);
+      }
+      if (use_brgemm()) at::native::cpublas::brgemm_release();
+    });
+  });
+  return {out, lse};
+}
+
+// --- backward --------------------------------------------------------------------------------
+// Gradients of one (query tile, key tile) from its scores s (and th = tanh(.) under softcap):
+//   pd  = the dropped, rescaled probabilities (the dV weights),
+//   ds  = dL/ds = P (dP - delta), the gradient of the masked scores (= of an additive mask),
+//   dsr = dL/d(q k^T) = ds * scale (* (1 - th^2) under softcap), the dQ / dK weights.
+// dof is the dO tile (rows, ld Dv), vt the transposed value tile (ld kBlockN); rows whose
+// lse is -inf (nothing visible) get zeros.
+void grad_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0,
+               int64_t nj, const float* s, const float* th, const float* dof, const float* vt,
+               const float* lse, const float* delta, float* pd, float* ds, float* dsr) {
+  gemm(ni, nj, p.Dv, dof, p.Dv, vt, kBlockN, ds, kBlockN, false);  // dP = dO V^T, into ds
+  for (int64_t r = 0; r < ni; ++r) {
+    const float* srow = s + r * kBlockN;
+    float* pdrow = pd + r * kBlockN;
+    float* dsrow = ds + r * kBlockN;
+    float* dsrrow = dsr + r * kBlockN;
+    const float lr = lse[r];
+    if (lr == kNegInf) {  // fully masked row: no probability, no gradient
+      for (int64_t j = 0; j < nj; ++j) pdrow[j] = dsrow[j] = dsrrow[j] = 0.f;
+      continue;
+    }
+    const float* dp = dsrow;  // read before overwritten, element by element
+    const float dr = delta[r];
+    for (int64_t j = 0; j < nj; ++j) {
+      const float pj = std::exp(srow[j] - lr);  // 0 where s = -inf
+      float pdj = pj, dpj = dp[j];
+      if (p.dropout_p > 0.f) {
+        if (p.keep(b, h, i0 + r, j0 + j)) {
+          pdj *= p.keep_scale;
+          dpj *= p.keep_scale;
+        } else {
+          pdj = 0.f;
+          dpj = 0.f;
+        }
+      }
+      pdrow[j] = pdj;
+      const float g = pj * (dpj - dr);
+      dsrow[j] = g;
+      float gr = g * p.scale;
+      if (p.softcap > 0.f) {
+        const float t = th[r * kBlockN + j];
+        gr *= 1.f - t * t;
+      }
+      dsrrow[j] = gr;
+    }
+  }
+}
+
+// Per-thread fp32 working tiles of the backward tasks.
+struct BwdBuffers {
+  std::vector<float> data;
+  float *qf, *kt, *kf, *vt, *dof, *s, *th, *pd, *ds, *dsr, *pdt, *dsrt, *acc_k, *acc_v;
+  BwdBuffers(int64_t D, int64_t Dv) {
+    const int64_t tile = kBlockM * kBlockN;
+    data.resize(kBlockM * D + 2 * D * kBlockN + Dv * kBlockN + kBlockM * Dv + 7 * tile +
+                std::max(kBlockM, kBlockN) * D + kBlockN * Dv);
+    float* x = data.data();
+    qf = x; x += kBlockM * D;
+    kt = x; x += D * kBlockN;
+    kf = x; x += D * kBlockN;
+    vt = x; x += Dv * kBlockN;
+    dof = x; x += kBlockM * Dv;
+    s = x; x += tile;
+    th = x; x += tile;
+    pd = x; x += tile;
+    ds = x; x += tile;
+    dsr = x; x += tile;
+    pdt = x; x += tile;
+    dsrt = x; x += tile;
+    acc_k = x; x += std::max(kBlockM, kBlockN) * D;  // dK (kBlockN x D) or dQ (kBlockM x D)
+    acc_v = x;
+  }
+};
+
+template <typename T>
+void bwd_dkdv_tile(const Problem& p, int64_t b, int64_t hk, int64_t kb, const float* dout,
+                   const float* lse_all, const float* delta_all, T* dk, T* dv, BwdBuffers& w) {
+  const int64_t D = p.D, Dv = p.Dv;
+  const int64_t j0 = kb * kBlockN, nj = std::min(kBlockN, p.Sk - j0);
+  const T* kp = static_cast<const T*>(p.k) + b * p.ks[0] + hk * p.ks[1] + j0 * p.ks[2];
+  const T* vp = static_cast<const T*>(p.v) + b * p.vs[0] + hk * p.vs[1] + j0 * p.vs[2];
+  load_transposed(kp, p.ks[2], p.ks[3], nj, D, w.kt, kBlockN);
+  load_transposed(vp, p.vs[2], p.vs[3], nj, Dv, w.vt, kBlockN);
+  float* dkf = w.acc_k;
+  float* dvf = w.acc_v;
+  std::fill(dkf, dkf + nj * D, 0.f);
+  std::fill(dvf, dvf + nj * Dv, 0.f);
+  int64_t ilo, ihi;
+  p.query_range(j0, j0 + nj, &ilo, &ihi);
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t h = hk * p.G + g;
+    const int64_t bh = b * p.Hq + h;
+    const T* qbase = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+    for (int64_t i0 = (ilo / kBlockM) * kBlockM; i0 < ihi; i0 += kBlockM) {
+      const int64_t ni = std::min(kBlockM, p.Sq - i0);
+      const float* lse = lse_all + bh * p.Sq + i0;
+      bool any = false;
+      for (int64_t r = 0; r < ni; ++r) any |= lse[r] != kNegInf;
+      if (!any) continue;
+      load_rows(qbase + i0 * p.qs[2], p.qs[2], p.qs[3], ni, D, w.qf, D);
+      std::copy(dout + (bh * p.Sq + i0) * Dv, dout + (bh * p.Sq + i0 + ni) * Dv, w.dof);
+      score_tile(p, b, h, i0, ni, j0, nj, w.qf, w.kt, w.s, w.th);
+      grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, w.vt, lse,
+                delta_all + bh * p.Sq + i0, w.pd, w.ds, w.dsr);
+      transpose(w.pd, kBlockN, ni, nj, w.pdt, kBlockM);
+      transpose(w.dsr, kBlockN, ni, nj, w.dsrt, kBlockM);
+      gemm(nj, Dv, ni, w.pdt, kBlockM, w.dof, Dv, dvf, Dv, true);  // dV += P^T dO
+      gemm(nj, D, ni, w.dsrt, kBlockM, w.qf, D, dkf, D, true);     // dK += dS^T Q
+    }
+  }
+  for (int64_t j = 0; j < nj; ++j) {
+    for (int64_t d = 0; d < D; ++d) dk[j * D + d] = static_cast<T>(dkf[j * D + d]);
+    for (int64_t e = 0; e < Dv; ++e) dv[j * Dv + e] = static_cast<T>(dvf[j * Dv + e]);
+  }
+}
+
+template <typename T>
+void bwd_dq_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, const float* dout,
+                 const float* lse_all, const float* delta_all, T* dq, float* dmask,
+                 BwdBuffers& w) {
+  const int64_t D = p.D, Dv = p.Dv;
+  const int64_t i0 = qb * kBlockM, ni = std::min(kBlockM, p.Sq - i0);
+  const int64_t hk = h / p.G, bh = b * p.Hq + h;
+  const float* lse = lse_all + bh * p.Sq + i0;
+  float* dqf = w.acc_k;
+  std::fill(dqf, dqf + ni * D, 0.f);
+  bool any = false;
+  for (int64_t r = 0; r < ni; ++r) any |= lse[r] != kNegInf;
+  if (any) {
+    const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
+    load_rows(qp, p.qs[2], p.qs[3], ni, D, w.qf, D);
+    std::copy(dout + (bh * p.Sq + i0) * Dv, dout + (bh * p.Sq + i0 + ni) * Dv, w.dof);
+    int64_t jlo, jhi;
+    p.key_range(i0, i0 + ni, &jlo, &jhi);
+    const T* kbase = static_cast<const T*>(p.k) + b * p.ks[0] + hk * p.ks[1];
+    const T* vbase = static_cast<const T*>(p.v) + b * p.vs[0] + hk * p.vs[1];
+    for (int64_t j0 = (jlo / kBlockN) * kBlockN; j0 < jhi; j0 += kBlockN) {
+      const int64_t nj = std::min(kBlockN, p.Sk - j0);
+      load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, w.kt, kBlockN);
+      load_rows(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, w.kf, D);
+      load_transposed(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, w.vt, kBlockN);
+      score_tile(p, b, h, i0, ni, j0, nj, w.qf, w.kt, w.s, w.th);
+      grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, w.vt, lse, delta_all + bh * p.Sq + i0,
+                w.pd, w.ds, w.dsr);
+      gemm(ni, D, nj, w.dsr, kBlockN, w.kf, D, dqf, D, true);  // dQ += dS K
+      if (dmask != nullptr) {  // the mask gradient is dS itself
+        for (int64_t r = 0; r < ni; ++r) {
+          float* dm = dmask + (bh * p.Sq + i0 + r) * p.Sk + j0;
+          std::copy(w.ds + r * kBlockN, w.ds + r * kBlockN + nj, dm);
+        }
+      }
+    }
+  }
+  T* o = dq + (bh * p.Sq + i0) * D;
+  for (int64_t x = 0; x < ni * D; ++x) o[x] = static_cast<T>(dqf[x]);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
+    const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
+    double scale, int64_t window_left, int64_t window_right, double softcap, double dropout_p,
+    const std::optional<at::Tensor>& seed, bool mask_grad) {
+  const Problem p = make_problem(kBwd, query, key, value, attn_mask, scale, window_left,
+                                 window_right, softcap, dropout_p, seed);
+  const std::vector<int64_t> o_shape{p.B, p.Hq, p.Sq, p.Dv};
+  const std::vector<int64_t> l_shape{p.B, p.Hq, p.Sq};
+  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"},
+                         {out, "out"}}) {
+    LLMFAST_CHECK(t.device().is_cpu(), kBwd, name, " must be a CPU tensor, got ", t.device());
+    LLMFAST_CHECK(t.sizes() == at::IntArrayRef(o_shape), kBwd, name, " must have shape ",
+                  at::IntArrayRef(o_shape), ", got ", t.sizes());
+  }
+  LLMFAST_CHECK(lse.device().is_cpu() && lse.sizes() == at::IntArrayRef(l_shape), kBwd,
+                "lse must be a CPU tensor of shape ", at::IntArrayRef(l_shape), ", got ",
+                lse.sizes(), " on ", lse.device());
+  if (grad_lse.has_value()) {
+    LLMFAST_CHECK(grad_lse->device().is_cpu() && grad_lse->sizes() == at::IntArrayRef(l_shape),
+                  kBwd, "grad_lse must be a CPU tensor of shape ", at::IntArrayRef(l_shape),
+                  ", got ", grad_lse->sizes(), " on ", grad_lse->device());
+  }
+  const bool want_dmask = mask_grad && attn_mask.has_value() &&
+                          attn_mask->scalar_type() != at::kBool;
+  at::Tensor grad_query = at::empty(query.sizes(), query.options());
+  at::Tensor grad_key = at::empty(key.sizes(), key.options());
+  at::Tensor grad_value = at::empty(value.sizes(), value.options());
+  // Key tiles outside the band are never visited, so the mask gradient starts at zero.
+  at::Tensor dmask_f = want_dmask ? at::zeros({p.B, p.Hq, p.Sq, p.Sk},
+                                              query.options().dtype(at::kFloat))
+                                  : at::Tensor();
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    at::Tensor gm = want_dmask ? dmask_f.to(attn_mask->scalar_type())
+                               : at::empty({0}, query.options());
+    return {grad_query, grad_key, grad_value, gm};
+  };
+  if (p.B * p.Hq == 0 || p.Sq == 0 || p.Sk == 0) {
+    grad_query.zero_();
+    grad_key.zero_();
+    grad_value.zero_();
+    return finish();
+  }
+
+  // fp32 copies of dO (read by every key tile) and delta = rowsum(dO O) - dlse.
+  const at::Tensor dout = grad_out.to(at::kFloat).contiguous();
+  const at::Tensor out_f = out.to(at::kFloat).contiguous();
+  const at::Tensor lse_f = lse.to(at::kFloat).contiguous();
+  at::Tensor delta = (dout * out_f).sum(-1);
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
+  delta = delta.contiguous();
+  const float* dop = dout.const_data_ptr<float>();
+  const float* lp = lse_f.const_data_ptr<float>();
+  const float* dp = delta.const_data_ptr<float>();
+  float* dm = want_dmask ? dmask_f.mutable_data_ptr<float>() : nullptr;
+
+  const int64_t nkb = cdiv(p.Sk, kBlockN), nqb = cdiv(p.Sq, kBlockM);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_bwd_cpu",
+                                  [&] {
+    scalar_t* dk = grad_key.mutable_data_ptr<scalar_t>();
+    scalar_t* dv = grad_value.mutable_data_ptr<scalar_t>();
+    scalar_t* dq = grad_query.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, p.B * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
+      BwdBuffers w(p.D, p.Dv);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t kb = t % nkb, bhk = t / nkb;
+        const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+        const int64_t row = bhk * p.Sk + kb * kBlockN;
+        bwd_dkdv_tile<scalar_t>(p, b, hk, kb, dop, lp, dp, dk + row * p.D, dv + row * p.Dv, w);
+      }
+      if (use_brgemm()) at::native::cpublas::brgemm_release();
+    });
+    at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+      BwdBuffers w(p.D, p.Dv);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t qb = t % nqb, bh = t / nqb;
+        bwd_dq_tile<scalar_t>(p, bh / p.Hq, bh % p.Hq, qb, dop, lp, dp, dq, dm, w);
+      }
+      if (use_brgemm()) at::native::cpublas::brgemm_release();
+    });
+  });
+  return finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llmfast, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace llmfast
