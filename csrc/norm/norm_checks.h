@@ -1,8 +1,10 @@
-// Argument checks of the norm ops, shared by the CPU and CUDA launchers (norm_cpu.cpp,
-// norm_cuda.cu). The contract they enforce is in norm_ops.cpp. Every message names the op and
+// Argument checks and output allocation of the norm ops, shared by the CPU and CUDA launchers
+// (norm_cpu.cpp, norm_cuda.cu). The contract they enforce is in norm_ops.cpp. Every message names the op and
 // the argument, e.g. "llmfast::norm_fwd: weight must have 768 elements, got 767".
 #pragma once
+#include <limits>
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 
@@ -101,6 +103,26 @@ inline void check_bwd_args(const at::Tensor& grad_out,
     check_stat(mean, normed_input, kBwd, "mean");
   }
   check_stat(rstd, normed_input, kBwd, "rstd");
+}
+
+// norm_fwd's outputs (out, residual_out, mean, rstd) on the input's device. When the input is
+// empty they are already final: an empty row's statistics are what torch.native_layer_norm
+// reports (mean 0, rstd NaN), and the launcher returns them without a kernel.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_outputs(
+    const at::Tensor& input, bool has_residual, bool rms) {
+  const int64_t M = input.size(0);
+  const int64_t N = input.size(1);
+  const auto f32 = input.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({M, N}, input.options());
+  at::Tensor residual_out =
+      has_residual ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
+  at::Tensor mean = at::empty({rms ? 0 : M}, f32);
+  at::Tensor rstd = at::empty({M}, f32);
+  if (M > 0 && N == 0) {
+    if (!rms) mean.zero_();
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return {out, residual_out, mean, rstd};
 }
 
 }  // namespace norm

@@ -457,19 +457,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_cpu(
   const int64_t N = input.size(1);
   const auto dtype = input.scalar_type();
 
-  const auto f32 = input.options().dtype(at::kFloat);
-  at::Tensor out = at::empty({M, N}, input.options());
-  at::Tensor residual_out =
-      residual.has_value() ? at::empty({M, N}, input.options()) : at::empty({0}, input.options());
-  at::Tensor mean = rms ? at::empty({0}, f32) : at::empty({M}, f32);
-  at::Tensor rstd = at::empty({M}, f32);
-  if (M == 0) return {out, residual_out, mean, rstd};
-  if (N == 0) {
-    // Statistics of an empty row, as torch.native_layer_norm reports them: mean 0, rstd NaN.
-    if (!rms) mean.zero_();
-    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {out, residual_out, mean, rstd};
-  }
+  at::Tensor out, residual_out, mean, rstd;
+  std::tie(out, residual_out, mean, rstd) = norm::fwd_outputs(input, residual.has_value(), rms);
+  if (M == 0 || N == 0) return {out, residual_out, mean, rstd};
 
   const at::Tensor w = param_as_float(weight, N, 1.0f);
   const at::Tensor b = param_as_float(bias, N, 0.0f);
