@@ -128,6 +128,20 @@ def _number(fn, name, value, ok, expected):
     return float(value)
 
 
+def _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap):
+    """Checks the options cross_entropy and linear_cross_entropy share; returns the numbers as
+    floats (label_smoothing, z_loss, softcap)."""
+    if reduction not in _REDUCTION_CODES:
+        raise LlmfastValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
+    label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
+    if softcap is not None:
+        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    return label_smoothing, z_loss, softcap
+
+
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
                   z_loss=0.0, softcap=None, inplace_backward=False, process_group=None):
     """As torch.nn.functional.cross_entropy with class-index targets: logits (C,), (N, C) or
@@ -180,14 +194,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if tuple(weight.shape) != (n_classes,):
             raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
         _checks.same_device(fn, "weight", weight, "input", input)
-    if reduction not in _REDUCTION_CODES:
-        raise LlmfastValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
-    label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-    z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
-    if softcap is not None:
-        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap)
     if not isinstance(inplace_backward, bool):
         raise LlmfastTypeError(f"{fn}: inplace_backward must be a bool, got {inplace_backward!r}")
     if process_group is not None:
@@ -282,14 +289,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         if bias.dtype != input.dtype:
             raise LlmfastTypeError(f"{fn}: bias must have input's dtype {input.dtype}, got {bias.dtype}")
         _checks.same_device(fn, "bias", bias, "input", input)
-    if reduction not in _REDUCTION_CODES:
-        raise LlmfastValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
-    label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-    z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
-    if softcap is not None:
-        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise LlmfastValueError(f"{fn}: chunk_size must be None or a positive int, got {chunk_size!r}")
     if process_group is not None:
