@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_utils.h"
 
 namespace llmfast {
 namespace {
@@ -43,20 +44,6 @@ constexpr int64_t kMinElemsPerTask = 1 << 14;
 
 int64_t rows_grain(int64_t V) {
   return std::max<int64_t>(1, kMinElemsPerTask / std::max<int64_t>(V, 1));
-}
-
-template <typename F>
-inline float lane_sum(int64_t n, F f) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(i + j);
-  }
-  for (int64_t j = 0; i < n; ++i, ++j) acc[j] += f(i);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-    for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
-  }
-  return acc[0];
 }
 
 // Arguments of the row kernel. logits, grad: (M, V) row-major (grad may alias logits, or be
@@ -104,7 +91,7 @@ void ce_fwd_rows(const FwdArgs<T>& a, int64_t begin, int64_t end) {
 
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < V; ++i) m = std::max(m, x[i]);
-    const float sum = lane_sum(V, [&](int64_t i) { return std::exp(x[i] - m); });
+    const float sum = lane_sum<kLanes>(V, [&](int64_t i) { return std::exp(x[i] - m); });
     const float log_sum = std::log(sum);
     const float lse = m + log_sum;
     const float w_t = a.w != nullptr ? a.w[t] : 1.0f;
@@ -112,8 +99,8 @@ void ce_fwd_rows(const FwdArgs<T>& a, int64_t begin, int64_t end) {
     float loss = w_t * ((m - x[t]) + log_sum);
     if (a.smoothing > 0.0f) {
       // sum_c w[c] * (lse - x[c]) = sum_c w[c] * (m - x[c]) + w_sum * log_sum
-      const float sw = a.w != nullptr ? lane_sum(V, [&](int64_t i) { return a.w[i] * (m - x[i]); })
-                                      : lane_sum(V, [&](int64_t i) { return m - x[i]; });
+      const float sw = a.w != nullptr ? lane_sum<kLanes>(V, [&](int64_t i) { return a.w[i] * (m - x[i]); })
+                                      : lane_sum<kLanes>(V, [&](int64_t i) { return m - x[i]; });
       loss = (1.0f - a.smoothing) * loss + eps_c * (sw + a.w_sum * log_sum);
     }
     if (a.z_loss != 0.0f) loss += a.z_loss * w_t * lse * lse;

@@ -56,6 +56,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/cuda_utils.cuh"
 
 namespace llmfast {
 namespace {
@@ -679,24 +680,6 @@ LaunchPlan plan_for(int64_t V, int elt_size, bool clusters_ok) {
   return {true, kLoopedThreads, 1};
 }
 
-template <typename KernelArg>
-void launch_row_kernel(void (*kernel)(CeArgs, int), unsigned grid, unsigned block, int cluster,
-                       cudaStream_t stream, const KernelArg& args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid, 1, 1);
-  cfg.blockDim = dim3(block, 1, 1);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = cluster > 1 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args, cluster));
-}
-
 struct Prepared {
   at::Tensor w;        // (V,) fp32 or undefined
   at::Tensor scalars;  // (2,) fp32 for 'mean': total weight, 1 / total weight
@@ -763,13 +746,12 @@ void launch_fwd(const CeArgs& a, const LaunchPlan& plan, bool smooth, bool cap, 
       if (plan.looped) {
         ce_looped_kernel<T, kSmooth, kCap><<<a.M, plan.threads, 0, stream>>>(a);
       } else if (plan.cluster > 1) {
-        launch_row_kernel(ce_row_kernel<T, true, kSmooth, kCap>, static_cast<unsigned>(a.M * plan.cluster),
-                          plan.threads, plan.cluster, stream, a);
+        cuda::launch_kernel(ce_row_kernel<T, true, kSmooth, kCap>, static_cast<unsigned>(a.M * plan.cluster),
+                      plan.threads, 0, plan.cluster, stream, a, plan.cluster);
       } else {
-        launch_row_kernel(ce_row_kernel<T, false, kSmooth, kCap>, static_cast<unsigned>(a.M), plan.threads, 1,
-                          stream, a);
+        cuda::launch_kernel(ce_row_kernel<T, false, kSmooth, kCap>, static_cast<unsigned>(a.M), plan.threads, 0, 1,
+                      stream, a, 1);
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/cpu_utils.h"
 #include "norm/norm_checks.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
@@ -127,21 +128,6 @@ bool use_avx2() {
   return ok;
 }
 #endif
-
-// sum_{i < n} f(i) with kLanes interleaved accumulators, lanes folded pairwise at the end.
-template <int64_t kLanes, typename F>
-C10_ALWAYS_INLINE float lane_sum(int64_t n, F f) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += f(i + j);
-  }
-  for (int64_t j = 0; i < n; ++i, ++j) acc[j] += f(i);
-  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-    for (int64_t j = 0; j < width; ++j) acc[j] += acc[j + width];
-  }
-  return acc[0];
-}
 
 // One pass over a row each. Every pointer is a different buffer, and saying so (restrict)
 // lets the compiler vectorize without run-time overlap checks, which it gives up on when a
