@@ -375,15 +375,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     - return_lse=True returns (out, lse), lse (..., Hq, Sq) float32 = logsumexp of each row's
       scaled, masked scores (-inf for a fully masked row); it is differentiable.
 
-    Backends: 'triton' (head dims up to 256, fp16/bf16/fp32), 'cpu' (tiled C++ kernels in
-    llmfast._C, fp16/bf16/fp32 with fp32 math, any head dim, every feature above) and
-    'reference'. There is no 'cuda' attention kernel yet: under 'auto', CPU tensors take the
-    'cpu' kernels and CUDA tensors Triton; a call that the chosen kernels cannot serve (a head
-    dim over 256 for Triton) takes the reference path under 'auto' and raises
-    BackendUnavailableError, naming the argument, when a backend was forced. An additive
-    attn_mask that requires grad gets its gradient (the kernels' backward then writes a
-    (B, Hq, Sq, Sk) buffer, summed to the mask's shape). The 'cpu' kernels draw dropout from
-    their own counter-based hash of the seed, so their pattern differs from Triton's.
+    Backends: 'cuda' (FlashAttention-2 kernels in llmfast._C on the tensor cores for fp16/bf16,
+    exact fp32 on the CUDA cores; head dims up to 256), 'triton' (head dims up to 256,
+    fp16/bf16/fp32), 'cpu' (tiled C++ kernels in llmfast._C, fp16/bf16/fp32 with fp32 math,
+    any head dim, every feature above) and 'reference'. Under 'auto', CPU tensors take the
+    'cpu' kernels and CUDA tensors the backend named in llmfast._backend.AUTO_CUDA; a call
+    that the chosen kernels cannot serve (a head dim over 256) takes the reference path under
+    'auto' and raises BackendUnavailableError, naming the argument, when a backend was forced.
+    An additive attn_mask that requires grad gets its gradient (the kernels' backward then
+    writes a (B, Hq, Sq, Sk) buffer, summed to the mask's shape). The 'cpu' and 'cuda' kernels
+    draw dropout from one counter-based hash of the seed (the same entries for the same seed);
+    Triton's pattern differs.
     """
     fn = "scaled_dot_product_attention"
     _checks.floating(fn, "query", query)
@@ -446,15 +448,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     left, right = _window(fn, window_size)
 
     backend = resolve("attention", query.device, query.dtype)
-    if backend != "reference":
+    if backend in ("triton", "cuda"):
+        most = _ops.attention.TRITON_MAX_HEAD_DIM if backend == "triton" else _ops.attention.CUDA_MAX_HEAD_DIM
         gap = None
-        if backend not in ("triton", "cpu"):
-            gap = f"backend {backend!r} has no attention kernels yet (only 'triton', 'cpu' and 'reference')"
-        elif backend == "triton" and d > _ops.attention.TRITON_MAX_HEAD_DIM:
-            gap = f"query's head dim {d} is over {_ops.attention.TRITON_MAX_HEAD_DIM}, the most the triton kernels take"
-        elif backend == "triton" and value.shape[-1] > _ops.attention.TRITON_MAX_HEAD_DIM:
-            gap = (f"value's head dim {value.shape[-1]} is over {_ops.attention.TRITON_MAX_HEAD_DIM}, the most the "
-                   f"triton kernels take")
+        if d > most:
+            gap = f"query's head dim {d} is over {most}, the most the {backend} kernels take"
+        elif value.shape[-1] > most:
+            gap = f"value's head dim {value.shape[-1]} is over {most}, the most the {backend} kernels take"
         if gap is not None:
             if current_backend() != "auto":
                 raise BackendUnavailableError(f"llmfast {fn}: {gap}")

@@ -44,6 +44,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention/attention_problem.h"
 #include "common/checks.h"
 
 namespace llmfast {
@@ -54,6 +55,8 @@ constexpr const char* kBwd = "llmfast::attention_bwd";
 constexpr int64_t kBlockM = 64;  // queries per tile
 constexpr int64_t kBlockN = 64;  // keys per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+using attention::Problem;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -103,48 +106,6 @@ void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float*
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
   }
 }
-
-// Everything a tile needs to know, shared by forward and backward.
-struct Problem {
-  int64_t B, Hq, Hkv, G, Sq, Sk, D, Dv;
-  const void* q;
-  const void* k;
-  const void* v;
-  int64_t qs[4], ks[4], vs[4];
-  const void* mask = nullptr;  // nullptr: no mask
-  at::ScalarType mask_type = at::kBool;
-  int64_t ms[4] = {0, 0, 0, 0};
-  float scale;
-  int64_t left, right;  // -1 = unbounded
-  float softcap;        // 0 = off
-  float dropout_p;
-  float keep_scale;     // 1 / (1 - dropout_p)
-  uint64_t seed;
-
-  // The keys [lo, hi) that query rows [i0, i1) may see under the band.
-  void key_range(int64_t i0, int64_t i1, int64_t* lo, int64_t* hi) const {
-    *lo = left >= 0 ? std::max<int64_t>(0, i0 - left) : 0;
-    *hi = right >= 0 ? std::min<int64_t>(Sk, i1 - 1 + right + 1) : Sk;
-  }
-  // The queries [lo, hi) that may see keys [j0, j1).
-  void query_range(int64_t j0, int64_t j1, int64_t* lo, int64_t* hi) const {
-    *lo = right >= 0 ? std::max<int64_t>(0, j0 - right) : 0;
-    *hi = left >= 0 ? std::min<int64_t>(Sq, j1 - 1 + left + 1) : Sq;
-  }
-  bool in_band(int64_t i, int64_t j) const {
-    return (left < 0 || j >= i - left) && (right < 0 || j <= i + right);
-  }
-  // Dropout: true when probability (b, h, i, j) is kept. splitmix64 of the element's counter.
-  bool keep(int64_t b, int64_t h, int64_t i, int64_t j) const {
-    uint64_t x = seed + 0x9E3779B97F4A7C15ull *
-                            (static_cast<uint64_t>(((b * Hq + h) * Sq + i) * Sk + j) + 1);
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    x ^= x >> 31;
-    const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
-    return u >= dropout_p;
-  }
-};
 
 // dst[r * ld + c] = src[r * rs + c * cs] for r < rows, c < cols (widened to fp32).
 template <typename T>
@@ -306,88 +267,13 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float*
   }
 }
 
-// --- checks and problem setup ----------------------------------------------------------------
-Problem make_problem(const char* op, const at::Tensor& query, const at::Tensor& key,
-                     const at::Tensor& value, const std::optional<at::Tensor>& attn_mask,
-                     double scale, int64_t window_left, int64_t window_right, double softcap,
-                     double dropout_p, const std::optional<at::Tensor>& seed) {
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{query, "query"},
-                         {key, "key"}, {value, "value"}}) {
-    LLMFAST_CHECK(t.device().is_cpu(), op, name, " must be a CPU tensor, got ", t.device());
-    LLMFAST_CHECK(t.dim() == 4, op, name, " must be 4-D (B, H, S, D), got shape ", t.sizes());
-    check_floating(t, op, name);
-    LLMFAST_CHECK(t.scalar_type() == query.scalar_type(), op, name,
-                  " must have query's dtype (", query.scalar_type(), "), got ", t.scalar_type());
-  }
-  Problem p;
-  p.B = query.size(0);
-  p.Hq = query.size(1);
-  p.Sq = query.size(2);
-  p.D = query.size(3);
-  p.Hkv = key.size(1);
-  p.Sk = key.size(2);
-  p.Dv = value.size(3);
-  LLMFAST_CHECK(key.size(0) == p.B && key.size(3) == p.D, op, "key must have shape (", p.B,
-                ", Hkv, Sk, ", p.D, "), got ", key.sizes());
-  LLMFAST_CHECK(value.size(0) == p.B && value.size(1) == p.Hkv && value.size(2) == p.Sk, op,
-                "value must have shape (", p.B, ", ", p.Hkv, ", ", p.Sk, ", Dv), got ",
-                value.sizes());
-  LLMFAST_CHECK(p.Hkv > 0 ? p.Hq % p.Hkv == 0 : p.Hq == 0, op, "query's heads (", p.Hq,
-                ") must be a multiple of key's heads (", p.Hkv, ")");
-  p.G = p.Hkv > 0 ? p.Hq / p.Hkv : 1;
-  p.q = query.const_data_ptr();
-  p.k = key.const_data_ptr();
-  p.v = value.const_data_ptr();
-  for (int i = 0; i < 4; ++i) {
-    p.qs[i] = query.stride(i);
-    p.ks[i] = key.stride(i);
-    p.vs[i] = value.stride(i);
-  }
-  if (attn_mask.has_value()) {
-    const at::Tensor& m = *attn_mask;
-    LLMFAST_CHECK(m.device().is_cpu(), op, "attn_mask must be a CPU tensor, got ", m.device());
-    LLMFAST_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.Sq &&
-                      m.size(3) == p.Sk,
-                  op, "attn_mask must have shape (", p.B, ", ", p.Hq, ", ", p.Sq, ", ", p.Sk,
-                  ") (an expanded view is fine), got ", m.sizes());
-    const auto mt = m.scalar_type();
-    LLMFAST_CHECK(mt == at::kBool || mt == at::kFloat || mt == at::kHalf ||
-                      mt == at::kBFloat16 || mt == at::kDouble,
-                  op, "attn_mask must be bool or floating, got ", mt);
-    p.mask = m.const_data_ptr();
-    p.mask_type = mt;
-    for (int i = 0; i < 4; ++i) p.ms[i] = m.stride(i);
-  }
-  LLMFAST_CHECK(window_left >= -1 && window_right >= -1, op,
-                "window_left / window_right must be >= -1, got ", window_left, ", ",
-                window_right);
-  LLMFAST_CHECK(softcap >= 0.0, op, "softcap must be >= 0 (0 = off), got ", softcap);
-  LLMFAST_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, "dropout_p must be in [0, 1), got ",
-                dropout_p);
-  p.scale = static_cast<float>(scale);
-  p.left = window_left;
-  p.right = window_right;
-  p.softcap = static_cast<float>(softcap);
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  p.seed = 0;
-  if (dropout_p > 0.0) {
-    LLMFAST_CHECK(seed.has_value(), op, "seed must be given when dropout_p > 0");
-    LLMFAST_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong &&
-                      seed->numel() == 1,
-                  op, "seed must be a one-element int64 CPU tensor, got ", seed->scalar_type(),
-                  " of shape ", seed->sizes(), " on ", seed->device());
-    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  }
-  return p;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
     int64_t window_right, double softcap, double dropout_p, const std::optional<at::Tensor>& seed) {
-  const Problem p = make_problem(kFwd, query, key, value, attn_mask, scale, window_left,
-                                 window_right, softcap, dropout_p, seed);
+  const Problem p = attention::make_problem(kFwd, query, key, value, attn_mask, scale,
+                                            window_left, window_right, softcap, dropout_p, seed,
+                                            c10::DeviceType::CPU);
   at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, query.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, query.options().dtype(at::kFloat));
   if (p.B * p.Hq * p.Sq == 0) return {out, lse};
@@ -574,24 +460,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& grad_lse, const std::optional<at::Tensor>& attn_mask,
     double scale, int64_t window_left, int64_t window_right, double softcap, double dropout_p,
     const std::optional<at::Tensor>& seed, bool mask_grad) {
-  const Problem p = make_problem(kBwd, query, key, value, attn_mask, scale, window_left,
-                                 window_right, softcap, dropout_p, seed);
-  const std::vector<int64_t> o_shape{p.B, p.Hq, p.Sq, p.Dv};
-  const std::vector<int64_t> l_shape{p.B, p.Hq, p.Sq};
-  for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"},
-                         {out, "out"}}) {
-    LLMFAST_CHECK(t.device().is_cpu(), kBwd, name, " must be a CPU tensor, got ", t.device());
-    LLMFAST_CHECK(t.sizes() == at::IntArrayRef(o_shape), kBwd, name, " must have shape ",
-                  at::IntArrayRef(o_shape), ", got ", t.sizes());
-  }
-  LLMFAST_CHECK(lse.device().is_cpu() && lse.sizes() == at::IntArrayRef(l_shape), kBwd,
-                "lse must be a CPU tensor of shape ", at::IntArrayRef(l_shape), ", got ",
-                lse.sizes(), " on ", lse.device());
-  if (grad_lse.has_value()) {
-    LLMFAST_CHECK(grad_lse->device().is_cpu() && grad_lse->sizes() == at::IntArrayRef(l_shape),
-                  kBwd, "grad_lse must be a CPU tensor of shape ", at::IntArrayRef(l_shape),
-                  ", got ", grad_lse->sizes(), " on ", grad_lse->device());
-  }
+  const Problem p = attention::make_problem(kBwd, query, key, value, attn_mask, scale,
+                                            window_left, window_right, softcap, dropout_p, seed,
+                                            c10::DeviceType::CPU);
+  attention::check_backward(kBwd, p, query, grad_out, out, lse, grad_lse);
   const bool want_dmask = mask_grad && attn_mask.has_value() &&
                           attn_mask->scalar_type() != at::kBool;
   at::Tensor grad_query = at::empty(query.sizes(), query.options());

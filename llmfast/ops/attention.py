@@ -2,7 +2,7 @@
 
 Two op pairs share one contract:
   llmfast::attention_fwd / attention_bwd                 C++ schemas (csrc/attention/); CPU
-                                                          kernels in llmfast._C
+                                                          and CUDA kernels in llmfast._C
   llmfast::triton_attention_fwd / triton_attention_bwd   Python custom ops around
                                                           llmfast/triton/attention.py
 
@@ -22,8 +22,10 @@ from torch import Tensor
 from .. import _extension
 
 # The largest head dim (query's and value's) of the Triton kernels (llmfast/triton/attention.py
-# asserts the same number; kept here so that checking it does not import triton).
+# asserts the same number; kept here so that checking it does not import triton) and of the CUDA
+# kernels (csrc/attention/attention_cuda_launch.h, kMaxHeadDim).
 TRITON_MAX_HEAD_DIM = 256
+CUDA_MAX_HEAD_DIM = 256
 
 
 def _mask_grad_wanted(attn_mask, wanted):
@@ -100,24 +102,29 @@ class AttentionFunction(torch.autograd.Function):
         return (None, None, *grads, None, None, None, None, None, None)
 
 
+def kernels(backend):
+    """The (forward, backward) op pair of `backend`: the Triton kernels, or the C++ ops of
+    llmfast._C ('cpu' and 'cuda': one schema, dispatched on the tensors' device). Eager calls
+    go below the autograd key, so these are the plain ops."""
+    if backend == "triton":
+        from ..triton import attention as triton_kernels
+
+        return triton_kernels.attention_fwd, triton_kernels.attention_bwd
+    return torch.ops.llmfast.attention_fwd.default, torch.ops.llmfast.attention_bwd.default
+
+
 def attention_forward(backend, query, key, value, attn_mask, scale, window_left, window_right, softcap,
                       dropout_p, seed):
-    """Runs the forward of `backend` ('triton' or 'cpu') on 4-D tensors and returns (out, lse),
-    differentiable in eager mode and under torch.compile."""
-    if backend not in ("triton", "cpu"):
-        raise NotImplementedError(f"llmfast attention: no {backend!r} kernels yet (only 'triton', 'cpu' and "
+    """Runs the forward of `backend` ('triton', 'cuda' or 'cpu') on 4-D tensors and returns
+    (out, lse), differentiable in eager mode and under torch.compile."""
+    if backend not in ("triton", "cuda", "cpu"):
+        raise NotImplementedError(f"llmfast attention: no {backend!r} kernels (only 'triton', 'cuda', 'cpu' and "
                                   f"'reference')")
     args = (query, key, value, attn_mask, scale, window_left, window_right, softcap, dropout_p, seed)
     if torch.compiler.is_compiling():
         fwd = torch.ops.llmfast.triton_attention_fwd if backend == "triton" else torch.ops.llmfast.attention_fwd
         return fwd(*args)
-    if backend == "triton":
-        from ..triton import attention as kernels
-
-        fwd_op, bwd_op = kernels.attention_fwd, kernels.attention_bwd
-    else:
-        fwd_op, bwd_op = torch.ops.llmfast.attention_fwd.default, torch.ops.llmfast.attention_bwd.default
-
+    fwd_op, bwd_op = kernels(backend)
     if torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad
         or (attn_mask is not None and attn_mask.requires_grad)

@@ -1,0 +1,558 @@
+// CUDA kernels of llmfast::attention_fwd / attention_bwd: FlashAttention-2 on the tensor cores.
+// The contract is in attention_ops.cpp, the math in llmfast/reference/attention.py; the
+// launchers are in attention_cuda_launch.h.
+//
+// Work partitioning (FlashAttention-2), grid (tiles, heads, batch):
+//   forward   one block per (kM queries, query head, batch); each warp owns 16 query rows and
+//             streams the key/value tiles of the band through shared memory: S = Q K^T on the
+//             tensor cores, online softmax on the C fragments in registers, O += P V with P
+//             fed from the same registers (mma.cuh, a_from_c). O and the row statistics never
+//             leave registers until the end; the (Sq, Sk) scores never exist in memory.
+//   backward  delta = rowsum(dO * O) - dlse first (attention_delta_kernel), then two kernels
+//             that each recompute P = exp(S - lse), without atomics (deterministic):
+//             dK/dV: one block per (kKeys keys, kv head, batch), each warp owns 16 keys and
+//                    loops over the query tiles of every query head of its group (GQA sums in
+//                    registers): S^T = K Q^T, dP^T = V dO^T, dS = P (dP - delta),
+//                    dV += P^T dO, dK += scale dS^T Q;
+//             dQ:    one block per (kM queries, query head, batch): S, dP = dO V^T, dS,
+//                    dQ += scale dS K, and the additive mask's gradient (dS) when asked for.
+// Element types: fp16 and bf16 on the tensor cores (fp32 accumulation, P and dS rounded to the
+// input type for the second product, as FlashAttention does); fp32 through the same kernels
+// with the exact fp32 product of mma.cuh (CUDA cores).
+// Head dims: the kernels are instantiated for kD = 32, 64, 128, 256 (max(D, Dv) rounded up);
+// columns past D / Dv are zero in shared memory and never stored.
+// Masks: the band (causal / window), an (expanded) attn_mask of any strides (bool or additive,
+// any float dtype), sequence ends; tiles wholly inside all of them skip the per-element tests.
+// Dropout: the same counter-based hash as the CPU kernels (attention_problem.h), so the CPU and
+// CUDA backends drop the same entries for one seed.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/device_compat.cuh"
+#include "common/mma.cuh"
+
+namespace llmfast {
+namespace attention {
+
+enum MaskKind : int { kNoMask = 0, kMaskBool, kMaskF32, kMaskF16, kMaskBF16, kMaskF64 };
+
+// Kernel arguments (by value). Strides are in elements; the last dimension of q, k, v and dout
+// is contiguous (the launcher makes it so); out, lse, delta, dq, dk, dv, dmask are contiguous.
+struct Params {
+  int B, Hq, Hkv, G, Sq, Sk, D, Dv;
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_stride[3], k_stride[3], v_stride[3];  // batch, head, sequence
+  bool q_vec, k_vec, v_vec, do_vec;               // 16-byte aligned rows: vector loads
+  const void* mask;
+  int mask_kind;
+  int64_t mask_stride[4];
+  float scale;
+  float softcap;        // 0 = off
+  float softcap_scale;  // scale / softcap
+  float dropout_p;
+  float keep_scale;
+  const int64_t* seed;
+  int64_t left, right;  // band; -1 = unbounded
+  // forward outputs
+  void* out;
+  float* lse;
+  // backward
+  const void* dout;
+  int64_t do_stride[3];
+  const float* lse_in;
+  const float* grad_lse;  // may be null
+  float* delta;
+  void* dq;
+  void* dk;
+  void* dv;
+  float* dmask;  // null unless the mask gradient is wanted
+};
+
+constexpr float kInf = INFINITY;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Shared-memory rows are padded by 16 bytes so the fragment loads of a warp hit 32 banks.
+template <typename T>
+constexpr int padded_ld(int d) {
+  return d + static_cast<int>(16 / sizeof(T));
+}
+
+// Tile sizes per element type and head dim (shared memory fits sm_80's 163 KB).
+template <typename T, int kD>
+struct Tiles {
+  static constexpr bool kBig = kD > 128;
+  static constexpr bool kWide = sizeof(T) == 4 && kBig;
+  static constexpr int kM = kWide ? 32 : 64;        // queries per block (forward, dQ)
+  static constexpr int kN = kBig ? 32 : 64;         // keys per tile (forward, dQ)
+  static constexpr int kKeys = kWide ? 32 : 64;     // keys per block (dK/dV)
+  static constexpr int kQueries = kBig ? 32 : 64;   // queries per tile (dK/dV)
+  static constexpr int kLd = padded_ld<T>(kD);
+  static constexpr int fwd_shared_bytes() { return (kM + 2 * kN) * kLd * sizeof(T); }
+  static constexpr int dq_shared_bytes() { return 2 * (kM + kN) * kLd * sizeof(T); }
+  static constexpr int dkdv_shared_bytes() {
+    return 2 * (kKeys + kQueries) * kLd * sizeof(T) + 2 * kQueries * sizeof(float);
+  }
+};
+
+template <typename T>
+LLMFAST_DEVICE T zero_element() {
+  return mma::Element<T>::from_float(0.f);
+}
+
+// Copies rows [0, kRows) x columns [0, kD) of a (rows, row_stride) matrix at g into shared
+// memory (ld elements a row), with zeros past `rows` and `cols`. All threads of the block call it.
+template <typename T, int kRows, int kD, int kThreads>
+LLMFAST_DEVICE void load_tile(T* s, int ld, const T* g, int64_t row_stride, int rows, int cols,
+                              bool vec) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kChunks = kD / kVec;
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * kVec;
+    T* dst = s + r * ld + col;
+    if (vec && r < rows && col + kVec <= cols) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(g + r * row_stride + col);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        dst[e] = (r < rows && col + e < cols) ? g[r * row_stride + col + e] : zero_element<T>();
+      }
+    }
+  }
+}
+
+// The score of query i and key j after scaling and softcap, from the raw product q . k;
+// th = tanh(.) under softcap (for the backward), else 0.
+LLMFAST_DEVICE float scaled_score(const Params& p, float raw, float& th) {
+  if (p.softcap > 0.f) {
+    th = tanhf(raw * p.softcap_scale);
+    return p.softcap * th;
+  }
+  th = 0.f;
+  return raw * p.scale;
+}
+
+// y with the mask applied: -inf where (i, j) takes no part (past a sequence end, outside the
+// band, false in a bool mask), else y plus the additive mask.
+LLMFAST_DEVICE float masked_score(const Params& p, float y, int64_t b, int64_t h, int64_t i,
+                                  int64_t j) {
+  if (i >= p.Sq || j >= p.Sk) return -kInf;
+  if (p.left >= 0 && j < i - p.left) return -kInf;
+  if (p.right >= 0 && j > i + p.right) return -kInf;
+  if (p.mask_kind != kNoMask) {
+    const int64_t off = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] +
+                        j * p.mask_stride[3];
+    switch (p.mask_kind) {
+      case kMaskBool:
+        if (!static_cast<const bool*>(p.mask)[off]) return -kInf;
+        break;
+      case kMaskF32:
+        y += static_cast<const float*>(p.mask)[off];
+        break;
+      case kMaskF16:
+        y += mma::Element<__half>::to_float(static_cast<const __half*>(p.mask)[off]);
+        break;
+      case kMaskBF16:
+        y += mma::Element<__nv_bfloat16>::to_float(static_cast<const __nv_bfloat16*>(p.mask)[off]);
+        break;
+      default:
+        y += static_cast<float>(static_cast<const double*>(p.mask)[off]);
+        break;
+    }
+  }
+  return y;
+}
+
+// True when the tile [i0, i0 + rows) x [j0, j0 + cols) lies inside both sequences and the band
+// and there is no mask: its scores need no per-element test.
+LLMFAST_DEVICE bool tile_is_clear(const Params& p, int64_t i0, int rows, int64_t j0, int cols) {
+  if (p.mask_kind != kNoMask || i0 + rows > p.Sq || j0 + cols > p.Sk) return false;
+  if (p.left >= 0 && j0 < i0 + rows - 1 - p.left) return false;
+  if (p.right >= 0 && j0 + cols - 1 > i0 + p.right) return false;
+  return true;
+}
+
+// Dropout: true when probability (b, h, i, j) is kept (the CPU kernels' hash).
+LLMFAST_DEVICE bool dropout_keep(const Params& p, uint64_t seed, int64_t b, int64_t h, int64_t i,
+                                 int64_t j) {
+  uint64_t x = seed + 0x9E3779B97F4A7C15ull *
+                          (static_cast<uint64_t>(((b * p.Hq + h) * p.Sq + i) * p.Sk + j) + 1);
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
+  return u >= p.dropout_p;
+}
+
+// The keys [lo, hi) that queries [i0, i1) may see under the band (and the queries that keys
+// [j0, j1) may be seen by).
+LLMFAST_DEVICE void band_keys(const Params& p, int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) {
+  lo = p.left >= 0 ? (i0 - p.left > 0 ? i0 - p.left : 0) : 0;
+  hi = p.right >= 0 ? (i1 + p.right < p.Sk ? i1 + p.right : p.Sk) : p.Sk;
+}
+LLMFAST_DEVICE void band_queries(const Params& p, int64_t j0, int64_t j1, int64_t& lo,
+                                 int64_t& hi) {
+  lo = p.right >= 0 ? (j0 - p.right > 0 ? j0 - p.right : 0) : 0;
+  hi = p.left >= 0 ? (j1 + p.left < p.Sq ? j1 + p.left : p.Sq) : p.Sq;
+}
+
+// --- forward ---------------------------------------------------------------------------------
+template <typename T, int kD>
+__global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
+    attention_fwd_kernel(const Params p) {
+  using Cfg = Tiles<T, kD>;
+  constexpr int kM = Cfg::kM, kN = Cfg::kN, kLd = Cfg::kLd, kThreads = kM * 2;
+  LLMFAST_DYNAMIC_SHARED(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kM * kLd;
+  T* sV = sK + kN * kLd;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.z, h = blockIdx.y, bh = b * p.Hq + h, hk = h / p.G;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kM;
+  const int rows = static_cast<int>(p.Sq - i0 < kM ? p.Sq - i0 : kM);
+  const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  load_tile<T, kM, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
+
+  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  int64_t jlo, jhi;
+  band_keys(p, i0, i0 + rows, jlo, jhi);
+  const int64_t row0 = i0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+  for (int64_t j0 = (jlo / kN) * kN; j0 < jhi; j0 += kN) {
+    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
+    __syncthreads();  // the previous tile is no longer read
+    load_tile<T, kN, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
+    load_tile<T, kN, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, p.v_vec);
+    __syncthreads();
+
+    float s[kN / 8][4];
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, sK, kLd, lane);
+
+    const bool clear = tile_is_clear(p, i0, kM, j0, kN);
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float th;
+        const float y = scaled_score(p, s[n][e], th);
+        s[n][e] = clear ? y : masked_score(p, y, b, h, row0 + (e >> 1) * 8, j0 + n * 8 + 2 * t + (e & 1));
+      }
+    }
+    // Online softmax, one row per half of the C fragment; the 4 lanes of a quad share a row.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -kInf;
+#pragma unroll
+      for (int n = 0; n < kN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float m_use = m_new == -kInf ? 0.f : m_new;  // nothing visible yet: keep zeros
+      const float alpha = exp2f((m[r] - m_use) * kLog2e);
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[n][e] = exp2f((s[n][e] - m_use) * kLog2e);
+          sum += s[n][e];
+        }
+      }
+      l[r] = l[r] * alpha + sum;  // per-lane partial sum; the quad is summed at the end
+      m[r] = m_new;
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+        acc[n][2 * r] *= alpha;
+        acc[n][2 * r + 1] *= alpha;
+      }
+    }
+    if (p.dropout_p > 0.f) {  // the denominator above counts dropped entries too
+#pragma unroll
+      for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t i = row0 + (e >> 1) * 8, j = j0 + n * 8 + 2 * t + (e & 1);
+          s[n][e] = (i < p.Sq && j < p.Sk && dropout_keep(p, seed, b, h, i, j)) ? s[n][e] * p.keep_scale : 0.f;
+        }
+      }
+    }
+    mma::warp_gemm_pb<T, kD, kN>(acc, s, sV, kLd, lane);
+  }
+
+  T* out = static_cast<T*>(p.out) + bh * p.Sq * p.Dv;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+    const int64_t i = row0 + r * 8;
+    if (i < p.Sq) {
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n * 8 + 2 * t + e;
+          if (col < p.Dv) out[i * p.Dv + col] = mma::Element<T>::from_float(acc[n][2 * r + e] * inv);
+        }
+      }
+      if (t == 0) p.lse[bh * p.Sq + i] = sum > 0.f ? m[r] + logf(sum) : -kInf;
+    }
+  }
+}
+
+// --- backward: delta = rowsum(dO * O) - dlse, one warp a row --------------------------------
+template <typename T>
+__global__ void __launch_bounds__(256) attention_delta_kernel(const Params p) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
+  if (row < rows) {  // uniform across the warp
+    const int64_t bh = row / p.Sq, i = row % p.Sq, b = bh / p.Hq, h = bh % p.Hq;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] +
+                    i * p.do_stride[2];
+    const T* out = static_cast<const T*>(p.out) + row * p.Dv;
+    float sum = 0.f;
+    for (int e = lane; e < p.Dv; e += 32) {
+      sum += mma::Element<T>::to_float(dout[e]) * mma::Element<T>::to_float(out[e]);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, o);
+    if (lane == 0) p.delta[row] = sum - (p.grad_lse != nullptr ? p.grad_lse[row] : 0.f);
+  }
+}
+
+// The lse a backward kernel subtracts: +inf for rows past the end and rows that saw no key,
+// so that exp(s - lse) is 0 for them.
+LLMFAST_DEVICE float lse_for_backward(const Params& p, int64_t bh, int64_t i) {
+  if (i >= p.Sq) return kInf;
+  const float x = p.lse_in[bh * p.Sq + i];
+  return x == -kInf ? kInf : x;
+}
+
+// The gradient of one score from its raw product (recomputed), dP and the row's lse / delta:
+// returns dS (the additive mask's gradient) and sets pd (the dropped, rescaled probability,
+// the dV weight) and dsr (dS times d score / d raw, the dQ / dK weight).
+LLMFAST_DEVICE float score_grad(const Params& p, uint64_t seed, bool clear, float raw, float dp,
+                                float lse, float delta, int64_t b, int64_t h, int64_t i,
+                                int64_t j, float& pd, float& dsr) {
+  float th;
+  float y = scaled_score(p, raw, th);
+  if (!clear) y = masked_score(p, y, b, h, i, j);
+  const float prob = exp2f((y - lse) * kLog2e);  // 0 where y = -inf or lse = +inf
+  pd = prob;
+  if (p.dropout_p > 0.f) {
+    if (prob != 0.f && dropout_keep(p, seed, b, h, i, j)) {
+      pd *= p.keep_scale;
+      dp *= p.keep_scale;
+    } else {
+      pd = 0.f;
+      dp = 0.f;
+    }
+  }
+  const float ds = prob * (dp - delta);
+  dsr = ds * p.scale;
+  if (p.softcap > 0.f) dsr *= 1.f - th * th;
+  return ds;
+}
+
+// --- backward: dQ (and the mask gradient) ----------------------------------------------------
+template <typename T, int kD>
+__global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
+    attention_bwd_dq_kernel(const Params p) {
+  using Cfg = Tiles<T, kD>;
+  constexpr int kM = Cfg::kM, kN = Cfg::kN, kLd = Cfg::kLd, kThreads = kM * 2;
+  LLMFAST_DYNAMIC_SHARED(smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kM * kLd;
+  T* sK = sdO + kM * kLd;
+  T* sV = sK + kN * kLd;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.z, h = blockIdx.y, bh = b * p.Hq + h, hk = h / p.G;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kM;
+  const int rows = static_cast<int>(p.Sq - i0 < kM ? p.Sq - i0 : kM);
+  const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  load_tile<T, kM, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
+  load_tile<T, kM, kD, kThreads>(sdO, kLd, dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.Dv,
+                                 p.do_vec);
+
+  const int64_t row0 = i0 + warp * 16 + g;
+  float lse[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    lse[r] = lse_for_backward(p, bh, i);
+    delta[r] = i < p.Sq ? p.delta[bh * p.Sq + i] : 0.f;
+  }
+  float acc[kD / 8][4];
+#pragma unroll
+  for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  int64_t jlo, jhi;
+  band_keys(p, i0, i0 + rows, jlo, jhi);
+  for (int64_t j0 = (jlo / kN) * kN; j0 < jhi; j0 += kN) {
+    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
+    __syncthreads();
+    load_tile<T, kN, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
+    load_tile<T, kN, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, p.v_vec);
+    __syncthreads();
+
+    float s[kN / 8][4], dp[kN / 8][4];
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+    }
+    mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, sK, kLd, lane);
+    mma::warp_gemm_abt<T, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, sV, kLd, lane);
+
+    const bool clear = tile_is_clear(p, i0, kM, j0, kN);
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const int64_t i = row0 + r * 8, j = j0 + n * 8 + 2 * t + (e & 1);
+        float pd, dsr;
+        const float ds = score_grad(p, seed, clear, s[n][e], dp[n][e], lse[r], delta[r], b, h, i, j, pd, dsr);
+        if (p.dmask != nullptr && i < p.Sq && j < p.Sk) p.dmask[(bh * p.Sq + i) * p.Sk + j] = ds;
+        s[n][e] = dsr;
+      }
+    }
+    mma::warp_gemm_pb<T, kD, kN>(acc, s, sK, kLd, lane);  // dQ += dS K
+  }
+
+  T* dq = static_cast<T*>(p.dq) + bh * p.Sq * p.D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t i = row0 + r * 8;
+    if (i < p.Sq) {
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n * 8 + 2 * t + e;
+          if (col < p.D) dq[i * p.D + col] = mma::Element<T>::from_float(acc[n][2 * r + e]);
+        }
+      }
+    }
+  }
+}
+
+// --- backward: dK and dV ---------------------------------------------------------------------
+template <typename T, int kD>
+__global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
+    attention_bwd_dkdv_kernel(const Params p) {
+  using Cfg = Tiles<T, kD>;
+  constexpr int kKeys = Cfg::kKeys, kQ = Cfg::kQueries, kLd = Cfg::kLd, kThreads = kKeys * 2;
+  LLMFAST_DYNAMIC_SHARED(smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kKeys * kLd;
+  T* sQ = sV + kKeys * kLd;
+  T* sdO = sQ + kQ * kLd;
+  float* sLse = reinterpret_cast<float*>(sdO + kQ * kLd);
+  float* sDelta = sLse + kQ;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int64_t b = blockIdx.z, hk = blockIdx.y, bhk = b * p.Hkv + hk;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  const int keys = static_cast<int>(p.Sk - j0 < kKeys ? p.Sk - j0 : kKeys);
+  const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
+
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  load_tile<T, kKeys, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], keys, p.D, p.k_vec);
+  load_tile<T, kKeys, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], keys, p.Dv, p.v_vec);
+
+  float dk[kD / 8][4], dv[kD / 8][4];
+#pragma unroll
+  for (int n = 0; n < kD / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  }
+  const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
+  int64_t ilo, ihi;
+  band_queries(p, j0, j0 + keys, ilo, ihi);
+  for (int grp = 0; grp < p.G; ++grp) {
+    const int64_t h = hk * p.G + grp, bh = b * p.Hq + h;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1];
+    for (int64_t i0 = (ilo / kQ) * kQ; i0 < ihi; i0 += kQ) {
+      const int rows = static_cast<int>(p.Sq - i0 < kQ ? p.Sq - i0 : kQ);
+      __syncthreads();
+      load_tile<T, kQ, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
+      load_tile<T, kQ, kD, kThreads>(sdO, kLd, dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.Dv,
+                                     p.do_vec);
+      for (int r = tid; r < kQ; r += kThreads) {
+        sLse[r] = lse_for_backward(p, bh, i0 + r);
+        sDelta[r] = i0 + r < p.Sq ? p.delta[bh * p.Sq + i0 + r] : 0.f;
+      }
+      __syncthreads();
+
+      // Transposed scores: rows are this warp's 16 keys, columns the tile's queries.
+      float s[kQ / 8][4], dp[kQ / 8][4];
+#pragma unroll
+      for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+      }
+      mma::warp_gemm_abt<T, kQ, kD>(s, sK + warp * 16 * kLd, kLd, sQ, kLd, lane);
+      mma::warp_gemm_abt<T, kQ, kD>(dp, sV + warp * 16 * kLd, kLd, sdO, kLd, lane);
+
+      const bool clear = tile_is_clear(p, i0, kQ, j0, kKeys);
+#pragma unroll
+      for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + 2 * t + (e & 1);
+          const int64_t j = key0 + (e >> 1) * 8, i = i0 + c;
+          float pd, dsr;
+          score_grad(p, seed, clear, s[n][e], dp[n][e], sLse[c], sDelta[c], b, h, i, j, pd, dsr);
+          s[n][e] = pd;
+          dp[n][e] = dsr;
+        }
+      }
+      mma::warp_gemm_pb<T, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
+      mma::warp_gemm_pb<T, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
+    }
+  }
+
+  T* dkp = static_cast<T*>(p.dk) + bhk * p.Sk * p.D;
+  T* dvp = static_cast<T*>(p.dv) + bhk * p.Sk * p.Dv;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = key0 + r * 8;
+    if (j < p.Sk) {
+#pragma unroll
+      for (int n = 0; n < kD / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = n * 8 + 2 * t + e;
+          if (col < p.D) dkp[j * p.D + col] = mma::Element<T>::from_float(dk[n][2 * r + e]);
+          if (col < p.Dv) dvp[j * p.Dv + col] = mma::Element<T>::from_float(dv[n][2 * r + e]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace attention
+}  // namespace llmfast

@@ -1,0 +1,251 @@
+// Warp-level tensor-core products for the CUDA kernels: fragments of mma.m16n8k16 (A 16x16,
+// B 16x8, C 16x8 in fp32), loaders from shared memory, and the two tile products every
+// FlashAttention-style kernel is made of.
+//
+// Fragment layout (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4:
+//   A: a0,a1 = A[g][2t], A[g][2t+1]      a2,a3 = A[g+8][2t..]    a4,a5 = A[g][2t+8..]
+//      a6,a7 = A[g+8][2t+8..]
+//   B: b0,b1 = B[2t][g], B[2t+1][g]      b2,b3 = B[2t+8][g], B[2t+9][g]
+//   C: c0,c1 = C[g][2t], C[g][2t+1]      c2,c3 = C[g+8][2t], C[g+8][2t+1]
+// The C fragments of two neighbouring 16x8 tiles hold exactly the A fragment of their 16x16
+// concatenation (a_from_c), which is how a product's result (attention probabilities) feeds the
+// next product without leaving registers.
+//
+// Element types: __half and __nv_bfloat16 run on the tensor cores (sm_80+), two elements per
+// 32-bit register. float runs the same fragment contract on the CUDA cores (products gathered
+// with warp shuffles): slow, but exact fp32, so fp32 inputs get fp32 results from the very same
+// kernels. Under LLMFAST_SIMT_EMULATION the tensor-core instruction is replaced by the
+// emulator's model of it (simt_emulator.h).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common/device_compat.cuh"
+
+namespace llmfast {
+namespace mma {
+
+template <typename T>
+struct Element;
+
+template <>
+struct Element<__half> {
+  static LLMFAST_DEVICE __half from_float(float x) { return __float2half_rn(x); }
+  static LLMFAST_DEVICE float to_float(__half x) { return __half2float(x); }
+  static LLMFAST_DEVICE uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t w;
+    std::memcpy(&w, &h, sizeof(w));
+    return w;
+  }
+};
+
+template <>
+struct Element<__nv_bfloat16> {
+  static LLMFAST_DEVICE __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static LLMFAST_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static LLMFAST_DEVICE uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t w;
+    std::memcpy(&w, &h, sizeof(w));
+    return w;
+  }
+};
+
+template <>
+struct Element<float> {
+  static LLMFAST_DEVICE float from_float(float x) { return x; }
+  static LLMFAST_DEVICE float to_float(float x) { return x; }
+};
+
+// Fragments: 16-bit types packed in pairs, float one element a register.
+template <typename T>
+struct FragA {
+  uint32_t x[4];
+};
+template <typename T>
+struct FragB {
+  uint32_t x[2];
+};
+template <>
+struct FragA<float> {
+  float x[8];
+};
+template <>
+struct FragB<float> {
+  float x[4];
+};
+
+template <typename T>
+LLMFAST_DEVICE uint32_t load_pair(const T* p) {  // two adjacent 16-bit elements, 4-byte aligned
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+template <typename T>
+LLMFAST_DEVICE uint32_t pack_pair(T lo, T hi) {
+  uint16_t a, b;
+  std::memcpy(&a, &lo, sizeof(a));
+  std::memcpy(&b, &hi, sizeof(b));
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+}
+
+// A (16x16) = s[r * ld + c], row-major in shared memory.
+template <typename T>
+LLMFAST_DEVICE void load_a(FragA<T>& a, const T* s, int ld, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  a.x[0] = load_pair(s + g * ld + 2 * t);
+  a.x[1] = load_pair(s + (g + 8) * ld + 2 * t);
+  a.x[2] = load_pair(s + g * ld + 2 * t + 8);
+  a.x[3] = load_pair(s + (g + 8) * ld + 2 * t + 8);
+}
+LLMFAST_DEVICE void load_a(FragA<float>& a, const float* s, int ld, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float* r0 = s + g * ld + 2 * t;
+  const float* r1 = r0 + 8 * ld;
+  a.x[0] = r0[0];
+  a.x[1] = r0[1];
+  a.x[2] = r1[0];
+  a.x[3] = r1[1];
+  a.x[4] = r0[8];
+  a.x[5] = r0[9];
+  a.x[6] = r1[8];
+  a.x[7] = r1[9];
+}
+
+// B (16x8) with B[k][n] = s[n * ld + k]: the operand of A B^T for a row-major B^T (keys).
+template <typename T>
+LLMFAST_DEVICE void load_b_nk(FragB<T>& b, const T* s, int ld, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  b.x[0] = load_pair(s + g * ld + 2 * t);
+  b.x[1] = load_pair(s + g * ld + 2 * t + 8);
+}
+LLMFAST_DEVICE void load_b_nk(FragB<float>& b, const float* s, int ld, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float* r = s + g * ld + 2 * t;
+  b.x[0] = r[0];
+  b.x[1] = r[1];
+  b.x[2] = r[8];
+  b.x[3] = r[9];
+}
+
+// B (16x8) with B[k][n] = s[k * ld + n]: a row-major right operand (values).
+template <typename T>
+LLMFAST_DEVICE void load_b_kn(FragB<T>& b, const T* s, int ld, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const T* c = s + 2 * t * ld + g;
+  b.x[0] = pack_pair(c[0], c[ld]);
+  b.x[1] = pack_pair(c[8 * ld], c[9 * ld]);
+}
+LLMFAST_DEVICE void load_b_kn(FragB<float>& b, const float* s, int ld, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float* c = s + 2 * t * ld + g;
+  b.x[0] = c[0];
+  b.x[1] = c[ld];
+  b.x[2] = c[8 * ld];
+  b.x[3] = c[9 * ld];
+}
+
+// The A fragment of the 16x16 tile whose left 16x8 half has C fragment c0 and right half c1.
+template <typename T>
+LLMFAST_DEVICE void a_from_c(FragA<T>& a, const float c0[4], const float c1[4]) {
+  a.x[0] = Element<T>::pack(c0[0], c0[1]);
+  a.x[1] = Element<T>::pack(c0[2], c0[3]);
+  a.x[2] = Element<T>::pack(c1[0], c1[1]);
+  a.x[3] = Element<T>::pack(c1[2], c1[3]);
+}
+LLMFAST_DEVICE void a_from_c(FragA<float>& a, const float c0[4], const float c1[4]) {
+  for (int i = 0; i < 4; ++i) {
+    a.x[i] = c0[i];
+    a.x[4 + i] = c1[i];
+  }
+}
+
+// c (16x8, fp32) += a b.
+template <typename T>
+LLMFAST_DEVICE void mma_16x8x16(float c[4], const FragA<T>& a, const FragB<T>& b, int lane) {
+  (void)lane;
+#ifdef LLMFAST_SIMT_EMULATION
+  simt::mma_m16n8k16<T>(c, a.x, b.x);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // tensor-core mma of 16-bit floats needs sm_80 or newer (the build targets those)
+#endif
+}
+
+// The fp32 product on the CUDA cores with the same fragments: lane (g, t) gathers rows g and
+// g + 8 of A from the lanes of its quad, and columns 2t, 2t+1 of B from the lanes holding them.
+LLMFAST_DEVICE void mma_16x8x16(float c[4], const FragA<float>& a, const FragB<float>& b, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int tt = 0; tt < 4; ++tt) {
+    const int src_a = g * 4 + tt;
+    float av[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) av[i] = __shfl_sync(0xFFFFFFFFu, a.x[i], src_a);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int src_b = (2 * t + j) * 4 + tt;
+      float bv[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) bv[i] = __shfl_sync(0xFFFFFFFFu, b.x[i], src_b);
+      // k = 2tt, 2tt+1 (a0 a1 / a2 a3, b0 b1) and 2tt+8, 2tt+9 (a4 a5 / a6 a7, b2 b3)
+      c[j] += av[0] * bv[0] + av[1] * bv[1] + av[4] * bv[2] + av[5] * bv[3];
+      c[2 + j] += av[2] * bv[0] + av[3] * bv[1] + av[6] * bv[2] + av[7] * bv[3];
+    }
+  }
+}
+
+// One warp: c (16 x kN) += A B^T, A (16 x kK) row-major at a (ld lda), B (kN x kK) row-major at
+// b (ld ldb); c[n / 8] is the C fragment of columns n .. n + 7.
+template <typename T, int kN, int kK>
+LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kN / 8][4], const T* a, int lda, const T* b, int ldb,
+                                  int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    FragA<T> fa;
+    load_a(fa, a + kk * 16, lda, lane);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      FragB<T> fb;
+      load_b_nk(fb, b + nt * 8 * ldb + kk * 16, ldb, lane);
+      mma_16x8x16(c[nt], fa, fb, lane);
+    }
+  }
+}
+
+// One warp: c (16 x kN) += P B, P (16 x kK) held as C fragments p[k / 8] (rounded to T), B
+// (kK x kN) row-major at b (ld ldb).
+template <typename T, int kN, int kK>
+LLMFAST_DEVICE void warp_gemm_pb(float (&c)[kN / 8][4], const float (&p)[kK / 8][4], const T* b,
+                                 int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    FragA<T> fa;
+    a_from_c(fa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      FragB<T> fb;
+      load_b_kn(fb, b + kk * 16 * ldb + nt * 8, ldb, lane);
+      mma_16x8x16(c[nt], fa, fb, lane);
+    }
+  }
+}
+
+}  // namespace mma
+}  // namespace llmfast
