@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/async_copy.cuh"
 #include "common/device_compat.cuh"
 #include "common/mma.cuh"
 
@@ -80,7 +81,9 @@ constexpr int padded_ld(int d) {
   return d + static_cast<int>(16 / sizeof(T));
 }
 
-// Tile sizes per element type and head dim (shared memory fits sm_80's 163 KB).
+// Tile sizes per element type and head dim. kStages = 2 double-buffers the streamed tiles
+// (cp.async loads of the next tile overlap the products on the current one); fp32 keeps one
+// stage so that its larger tiles fit sm_80's 163 KB of shared memory.
 template <typename T, int kD>
 struct Tiles {
   static constexpr bool kBig = kD > 128;
@@ -89,11 +92,15 @@ struct Tiles {
   static constexpr int kN = kBig ? 32 : 64;         // keys per tile (forward, dQ)
   static constexpr int kKeys = kWide ? 32 : 64;     // keys per block (dK/dV)
   static constexpr int kQueries = kBig ? 32 : 64;   // queries per tile (dK/dV)
+  static constexpr int kStages = sizeof(T) == 2 ? 2 : 1;
   static constexpr int kLd = padded_ld<T>(kD);
-  static constexpr int fwd_shared_bytes() { return (kM + 2 * kN) * kLd * sizeof(T); }
-  static constexpr int dq_shared_bytes() { return 2 * (kM + kN) * kLd * sizeof(T); }
+  // The forward keeps its warp's Q fragments in registers where they fit beside O.
+  static constexpr bool kQInRegisters = sizeof(T) == 2 && kD <= 128;
+  static constexpr int fwd_shared_bytes() { return (kM + kStages * 2 * kN) * kLd * sizeof(T); }
+  static constexpr int dq_shared_bytes() { return (2 * kM + kStages * 2 * kN) * kLd * sizeof(T); }
   static constexpr int dkdv_shared_bytes() {
-    return 2 * (kKeys + kQueries) * kLd * sizeof(T) + 2 * kQueries * sizeof(float);
+    return (2 * kKeys + kStages * 2 * kQueries) * kLd * sizeof(T) +
+           kStages * 2 * kQueries * sizeof(float);
   }
 };
 
@@ -102,8 +109,10 @@ LLMFAST_DEVICE T zero_element() {
   return mma::Element<T>::from_float(0.f);
 }
 
-// Copies rows [0, kRows) x columns [0, kD) of a (rows, row_stride) matrix at g into shared
-// memory (ld elements a row), with zeros past `rows` and `cols`. All threads of the block call it.
+// Starts copying rows [0, kRows) x columns [0, kD) of a (rows, row_stride) matrix at g into
+// shared memory (ld elements a row), with zeros past `rows` and `cols`: 16-byte chunks through
+// cp.async when the rows are aligned (`vec`), element by element otherwise. All threads of the
+// block call it; the tile is complete after device::async_commit / async_wait and a barrier.
 template <typename T, int kRows, int kD, int kThreads>
 LLMFAST_DEVICE void load_tile(T* s, int ld, const T* g, int64_t row_stride, int rows, int cols,
                               bool vec) {
@@ -113,7 +122,7 @@ LLMFAST_DEVICE void load_tile(T* s, int ld, const T* g, int64_t row_stride, int 
     const int r = c / kChunks, col = (c % kChunks) * kVec;
     T* dst = s + r * ld + col;
     if (vec && r < rows && col + kVec <= cols) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(g + r * row_stride + col);
+      device::copy_async_16(dst, g + r * row_stride + col);
     } else {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
@@ -135,8 +144,9 @@ LLMFAST_DEVICE float scaled_score(const Params& p, float raw, float& th) {
 }
 
 // y with the mask applied: -inf where (i, j) takes no part (past a sequence end, outside the
-// band, false in a bool mask), else y plus the additive mask.
-LLMFAST_DEVICE float masked_score(const Params& p, float y, int64_t b, int64_t h, int64_t i,
+// band, false in a bool mask), else y plus the additive mask. Out of line: it runs only on tiles
+// that cross an edge, from loops unrolled over every element of a fragment.
+LLMFAST_DEVICE_NOINLINE float masked_score(const Params& p, float y, int64_t b, int64_t h, int64_t i,
                                   int64_t j) {
   if (i >= p.Sq || j >= p.Sk) return -kInf;
   if (p.left >= 0 && j < i - p.left) return -kInf;
@@ -174,8 +184,9 @@ LLMFAST_DEVICE bool tile_is_clear(const Params& p, int64_t i0, int rows, int64_t
   return true;
 }
 
-// Dropout: true when probability (b, h, i, j) is kept (the CPU kernels' hash).
-LLMFAST_DEVICE bool dropout_keep(const Params& p, uint64_t seed, int64_t b, int64_t h, int64_t i,
+// Dropout: true when probability (b, h, i, j) is kept (the CPU kernels' hash). Out of line, as
+// masked_score.
+LLMFAST_DEVICE_NOINLINE bool dropout_keep(const Params& p, uint64_t seed, int64_t b, int64_t h, int64_t i,
                                  int64_t j) {
   uint64_t x = seed + 0x9E3779B97F4A7C15ull *
                           (static_cast<uint64_t>(((b * p.Hq + h) * p.Sq + i) * p.Sk + j) + 1);
@@ -201,44 +212,75 @@ LLMFAST_DEVICE void band_queries(const Params& p, int64_t j0, int64_t j1, int64_
 // --- forward ---------------------------------------------------------------------------------
 template <typename T, int kD>
 __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
-    attention_fwd_kernel(const Params p) {
+    attention_fwd_kernel(const LLMFAST_GRID_CONSTANT Params p) {
   using Cfg = Tiles<T, kD>;
   constexpr int kM = Cfg::kM, kN = Cfg::kN, kLd = Cfg::kLd, kThreads = kM * 2;
+  constexpr int kStages = Cfg::kStages;
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kM * kLd;
-  T* sV = sK + kN * kLd;
+  T* sKV = sQ + kM * kLd;  // stage s: keys at sKV + 2 s kN kLd, values kN kLd further
+  auto keys = [&](int stage) { return sKV + stage * 2 * kN * kLd; };
+  auto values = [&](int stage) { return sKV + (stage * 2 + 1) * kN * kLd; };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, h = blockIdx.y, bh = b * p.Hq + h, hk = h / p.G;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kM;
+  // The last query tiles first: under a causal mask they see the most keys.
+  const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kM;
   const int rows = static_cast<int>(p.Sq - i0 < kM ? p.Sq - i0 : kM);
   const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  auto load_kv = [&](int64_t j0, int stage) {
+    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
+    load_tile<T, kN, kD, kThreads>(keys(stage), kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
+    load_tile<T, kN, kD, kThreads>(values(stage), kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv,
+                                   p.v_vec);
+  };
+
+  int64_t jlo, jhi;
+  band_keys(p, i0, i0 + rows, jlo, jhi);
+  const int64_t j_first = (jlo / kN) * kN;
   load_tile<T, kM, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
+  if (kStages == 2 && j_first < jhi) load_kv(j_first, 0);
+  device::async_commit();
 
   float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
   float acc[kD / 8][4];
 #pragma unroll
   for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  mma::FragA<T> qf[Cfg::kQInRegisters ? kD / 16 : 1];
 
-  int64_t jlo, jhi;
-  band_keys(p, i0, i0 + rows, jlo, jhi);
   const int64_t row0 = i0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-  for (int64_t j0 = (jlo / kN) * kN; j0 < jhi; j0 += kN) {
-    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
-    __syncthreads();  // the previous tile is no longer read
-    load_tile<T, kN, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
-    load_tile<T, kN, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, p.v_vec);
+  int it = 0;
+  for (int64_t j0 = j_first; j0 < jhi; j0 += kN, ++it) {
+    const int stage = kStages == 2 ? (it & 1) : 0;
+    if (kStages == 1) {
+      load_kv(j0, 0);
+      device::async_commit();
+      device::async_wait<0>();
+    } else if (j0 + kN < jhi) {  // start the next tile, then wait for this one
+      load_kv(j0 + kN, stage ^ 1);
+      device::async_commit();
+      device::async_wait<1>();
+    } else {
+      device::async_wait<0>();
+    }
     __syncthreads();
 
     float s[kN / 8][4];
 #pragma unroll
     for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-    mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, sK, kLd, lane);
+    if constexpr (Cfg::kQInRegisters) {
+      if (it == 0) {
+#pragma unroll
+        for (int kk = 0; kk < kD / 16; ++kk) mma::load_a_tile(qf[kk], sQ + warp * 16 * kLd + kk * 16, kLd, lane);
+      }
+      mma::warp_gemm_abt<T, kN, kD>(s, qf, keys(stage), kLd, lane);
+    } else {
+      mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, keys(stage), kLd, lane);
+    }
 
     const bool clear = tile_is_clear(p, i0, kM, j0, kN);
 #pragma unroll
@@ -288,8 +330,10 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
         }
       }
     }
-    mma::warp_gemm_pb<T, kD, kN>(acc, s, sV, kLd, lane);
+    mma::warp_gemm_pb<T, kD, kN>(acc, s, values(stage), kLd, lane);
+    __syncthreads();  // every warp is done with this stage before it is refilled
   }
+  device::async_wait<0>();  // (no key tile: the Q copy may still be in flight)
 
   T* out = static_cast<T*>(p.out) + bh * p.Sq * p.Dv;
 #pragma unroll
@@ -315,7 +359,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 
 // --- backward: delta = rowsum(dO * O) - dlse, one warp a row --------------------------------
 template <typename T>
-__global__ void __launch_bounds__(256) attention_delta_kernel(const Params p) {
+__global__ void __launch_bounds__(256) attention_delta_kernel(const LLMFAST_GRID_CONSTANT Params p) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Sq;
@@ -371,18 +415,20 @@ LLMFAST_DEVICE float score_grad(const Params& p, uint64_t seed, bool clear, floa
 // --- backward: dQ (and the mask gradient) ----------------------------------------------------
 template <typename T, int kD>
 __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
-    attention_bwd_dq_kernel(const Params p) {
+    attention_bwd_dq_kernel(const LLMFAST_GRID_CONSTANT Params p) {
   using Cfg = Tiles<T, kD>;
   constexpr int kM = Cfg::kM, kN = Cfg::kN, kLd = Cfg::kLd, kThreads = kM * 2;
+  constexpr int kStages = Cfg::kStages;
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kM * kLd;
-  T* sK = sdO + kM * kLd;
-  T* sV = sK + kN * kLd;
+  T* sKV = sdO + kM * kLd;
+  auto keys = [&](int stage) { return sKV + stage * 2 * kN * kLd; };
+  auto values = [&](int stage) { return sKV + (stage * 2 + 1) * kN * kLd; };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, h = blockIdx.y, bh = b * p.Hq + h, hk = h / p.G;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kM;
+  const int64_t i0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kM;
   const int rows = static_cast<int>(p.Sq - i0 < kM ? p.Sq - i0 : kM);
   const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
 
@@ -390,9 +436,21 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+  auto load_kv = [&](int64_t j0, int stage) {
+    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
+    load_tile<T, kN, kD, kThreads>(keys(stage), kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
+    load_tile<T, kN, kD, kThreads>(values(stage), kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv,
+                                   p.v_vec);
+  };
+
+  int64_t jlo, jhi;
+  band_keys(p, i0, i0 + rows, jlo, jhi);
+  const int64_t j_first = (jlo / kN) * kN;
   load_tile<T, kM, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
   load_tile<T, kM, kD, kThreads>(sdO, kLd, dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.Dv,
                                  p.do_vec);
+  if (kStages == 2 && j_first < jhi) load_kv(j_first, 0);
+  device::async_commit();
 
   const int64_t row0 = i0 + warp * 16 + g;
   float lse[2], delta[2];
@@ -406,13 +464,20 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 #pragma unroll
   for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
-  int64_t jlo, jhi;
-  band_keys(p, i0, i0 + rows, jlo, jhi);
-  for (int64_t j0 = (jlo / kN) * kN; j0 < jhi; j0 += kN) {
-    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
-    __syncthreads();
-    load_tile<T, kN, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
-    load_tile<T, kN, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, p.v_vec);
+  int it = 0;
+  for (int64_t j0 = j_first; j0 < jhi; j0 += kN, ++it) {
+    const int stage = kStages == 2 ? (it & 1) : 0;
+    if (kStages == 1) {
+      load_kv(j0, 0);
+      device::async_commit();
+      device::async_wait<0>();
+    } else if (j0 + kN < jhi) {
+      load_kv(j0 + kN, stage ^ 1);
+      device::async_commit();
+      device::async_wait<1>();
+    } else {
+      device::async_wait<0>();
+    }
     __syncthreads();
 
     float s[kN / 8][4], dp[kN / 8][4];
@@ -421,8 +486,8 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
     }
-    mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, sK, kLd, lane);
-    mma::warp_gemm_abt<T, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, sV, kLd, lane);
+    mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, keys(stage), kLd, lane);
+    mma::warp_gemm_abt<T, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, values(stage), kLd, lane);
 
     const bool clear = tile_is_clear(p, i0, kM, j0, kN);
 #pragma unroll
@@ -437,8 +502,10 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
         s[n][e] = dsr;
       }
     }
-    mma::warp_gemm_pb<T, kD, kN>(acc, s, sK, kLd, lane);  // dQ += dS K
+    mma::warp_gemm_pb<T, kD, kN>(acc, s, keys(stage), kLd, lane);  // dQ += dS K
+    __syncthreads();
   }
+  device::async_wait<0>();
 
   T* dq = static_cast<T*>(p.dq) + bh * p.Sq * p.D;
 #pragma unroll
@@ -460,27 +527,52 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 // --- backward: dK and dV ---------------------------------------------------------------------
 template <typename T, int kD>
 __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
-    attention_bwd_dkdv_kernel(const Params p) {
+    attention_bwd_dkdv_kernel(const LLMFAST_GRID_CONSTANT Params p) {
   using Cfg = Tiles<T, kD>;
   constexpr int kKeys = Cfg::kKeys, kQ = Cfg::kQueries, kLd = Cfg::kLd, kThreads = kKeys * 2;
+  constexpr int kStages = Cfg::kStages;
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kKeys * kLd;
-  T* sQ = sV + kKeys * kLd;
-  T* sdO = sQ + kQ * kLd;
-  float* sLse = reinterpret_cast<float*>(sdO + kQ * kLd);
-  float* sDelta = sLse + kQ;
+  T* sQdO = sV + kKeys * kLd;  // stage s: queries at sQdO + 2 s kQ kLd, their dO kQ kLd further
+  float* sStats = reinterpret_cast<float*>(sQdO + kStages * 2 * kQ * kLd);  // stage s: lse, delta
+  auto queries = [&](int stage) { return sQdO + stage * 2 * kQ * kLd; };
+  auto grads = [&](int stage) { return sQdO + (stage * 2 + 1) * kQ * kLd; };
+  auto lses = [&](int stage) { return sStats + stage * 2 * kQ; };
+  auto deltas = [&](int stage) { return sStats + stage * 2 * kQ + kQ; };
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, hk = blockIdx.y, bhk = b * p.Hkv + hk;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
-  const int keys = static_cast<int>(p.Sk - j0 < kKeys ? p.Sk - j0 : kKeys);
+  const int nkeys = static_cast<int>(p.Sk - j0 < kKeys ? p.Sk - j0 : kKeys);
   const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  load_tile<T, kKeys, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], keys, p.D, p.k_vec);
-  load_tile<T, kKeys, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], keys, p.Dv, p.v_vec);
+  load_tile<T, kKeys, kD, kThreads>(sK, kLd, k + j0 * p.k_stride[2], p.k_stride[2], nkeys, p.D, p.k_vec);
+  load_tile<T, kKeys, kD, kThreads>(sV, kLd, v + j0 * p.v_stride[2], p.v_stride[2], nkeys, p.Dv, p.v_vec);
+
+  // The steps: every query tile of the band, for every query head of this kv head's group.
+  int64_t ilo, ihi;
+  band_queries(p, j0, j0 + nkeys, ilo, ihi);
+  const int64_t i_first = (ilo / kQ) * kQ;
+  const int tiles = ihi > i_first ? static_cast<int>((ihi - i_first + kQ - 1) / kQ) : 0;
+  const int steps = tiles * p.G;
+  auto load_step = [&](int step, int stage) {  // Q and dO by cp.async; lse and delta stored
+    const int64_t h = hk * p.G + step / tiles, bh = b * p.Hq + h;
+    const int64_t i0 = i_first + static_cast<int64_t>(step % tiles) * kQ;
+    const int rows = static_cast<int>(p.Sq - i0 < kQ ? p.Sq - i0 : kQ);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1] + i0 * p.do_stride[2];
+    load_tile<T, kQ, kD, kThreads>(queries(stage), kLd, q, p.q_stride[2], rows, p.D, p.q_vec);
+    load_tile<T, kQ, kD, kThreads>(grads(stage), kLd, dout, p.do_stride[2], rows, p.Dv, p.do_vec);
+    for (int r = tid; r < kQ; r += kThreads) {
+      lses(stage)[r] = lse_for_backward(p, bh, i0 + r);
+      deltas(stage)[r] = i0 + r < p.Sq ? p.delta[bh * p.Sq + i0 + r] : 0.f;
+    }
+  };
+  if (kStages == 2 && steps > 0) load_step(0, 0);
+  device::async_commit();
 
   float dk[kD / 8][4], dv[kD / 8][4];
 #pragma unroll
@@ -489,51 +581,55 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
   }
   const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
-  int64_t ilo, ihi;
-  band_queries(p, j0, j0 + keys, ilo, ihi);
-  for (int grp = 0; grp < p.G; ++grp) {
-    const int64_t h = hk * p.G + grp, bh = b * p.Hq + h;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-    const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1];
-    for (int64_t i0 = (ilo / kQ) * kQ; i0 < ihi; i0 += kQ) {
-      const int rows = static_cast<int>(p.Sq - i0 < kQ ? p.Sq - i0 : kQ);
-      __syncthreads();
-      load_tile<T, kQ, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
-      load_tile<T, kQ, kD, kThreads>(sdO, kLd, dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.Dv,
-                                     p.do_vec);
-      for (int r = tid; r < kQ; r += kThreads) {
-        sLse[r] = lse_for_backward(p, bh, i0 + r);
-        sDelta[r] = i0 + r < p.Sq ? p.delta[bh * p.Sq + i0 + r] : 0.f;
-      }
-      __syncthreads();
-
-      // Transposed scores: rows are this warp's 16 keys, columns the tile's queries.
-      float s[kQ / 8][4], dp[kQ / 8][4];
-#pragma unroll
-      for (int n = 0; n < kQ / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-      }
-      mma::warp_gemm_abt<T, kQ, kD>(s, sK + warp * 16 * kLd, kLd, sQ, kLd, lane);
-      mma::warp_gemm_abt<T, kQ, kD>(dp, sV + warp * 16 * kLd, kLd, sdO, kLd, lane);
-
-      const bool clear = tile_is_clear(p, i0, kQ, j0, kKeys);
-#pragma unroll
-      for (int n = 0; n < kQ / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = n * 8 + 2 * t + (e & 1);
-          const int64_t j = key0 + (e >> 1) * 8, i = i0 + c;
-          float pd, dsr;
-          score_grad(p, seed, clear, s[n][e], dp[n][e], sLse[c], sDelta[c], b, h, i, j, pd, dsr);
-          s[n][e] = pd;
-          dp[n][e] = dsr;
-        }
-      }
-      mma::warp_gemm_pb<T, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
-      mma::warp_gemm_pb<T, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
+  for (int step = 0; step < steps; ++step) {
+    const int stage = kStages == 2 ? (step & 1) : 0;
+    if (kStages == 1) {
+      load_step(step, 0);
+      device::async_commit();
+      device::async_wait<0>();
+    } else if (step + 1 < steps) {
+      load_step(step + 1, stage ^ 1);
+      device::async_commit();
+      device::async_wait<1>();
+    } else {
+      device::async_wait<0>();
     }
+    __syncthreads();
+    const int64_t h = hk * p.G + step / tiles;
+    const int64_t i0 = i_first + static_cast<int64_t>(step % tiles) * kQ;
+    const T* sQ = queries(stage);
+    const T* sdO = grads(stage);
+    const float* sLse = lses(stage);
+    const float* sDelta = deltas(stage);
+
+    // Transposed scores: rows are this warp's 16 keys, columns the tile's queries.
+    float s[kQ / 8][4], dp[kQ / 8][4];
+#pragma unroll
+    for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+    }
+    mma::warp_gemm_abt<T, kQ, kD>(s, sK + warp * 16 * kLd, kLd, sQ, kLd, lane);
+    mma::warp_gemm_abt<T, kQ, kD>(dp, sV + warp * 16 * kLd, kLd, sdO, kLd, lane);
+
+    const bool clear = tile_is_clear(p, i0, kQ, j0, kKeys);
+#pragma unroll
+    for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = n * 8 + 2 * t + (e & 1);
+        const int64_t j = key0 + (e >> 1) * 8, i = i0 + c;
+        float pd, dsr;
+        score_grad(p, seed, clear, s[n][e], dp[n][e], sLse[c], sDelta[c], b, h, i, j, pd, dsr);
+        s[n][e] = pd;
+        dp[n][e] = dsr;
+      }
+    }
+    mma::warp_gemm_pb<T, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
+    mma::warp_gemm_pb<T, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
+    __syncthreads();
   }
+  device::async_wait<0>();
 
   T* dkp = static_cast<T*>(p.dk) + bhk * p.Sk * p.D;
   T* dvp = static_cast<T*>(p.dv) + bhk * p.Sk * p.Dv;

@@ -211,22 +211,140 @@ LLMFAST_DEVICE void mma_16x8x16(float c[4], const FragA<float>& a, const FragB<f
   }
 }
 
+// --- ldmatrix: 8x8 tiles of 16-bit elements from shared memory, four at a time -------------
+// Lane l gives the address of one row (16 bytes, 16-byte aligned): lanes 8i .. 8i+7 the rows of
+// matrix i. Register i of lane l receives matrix i's elements (row l/4, columns 2(l%4), +1), or
+// with .trans (rows 2(l%4), 2(l%4)+1 of column l/4): exactly the A / B fragment registers when
+// the addresses are chosen as in the loaders below.
+template <typename T>
+LLMFAST_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const T* row) {
+#ifdef LLMFAST_SIMT_EMULATION
+  const int lane = simt::lane();
+  for (int i = 0; i < 4; ++i) {
+    const T* src = __shfl_sync(0xFFFFFFFFu, row, i * 8 + lane / 4);
+    r[i] = load_pair(src + 2 * (lane % 4));
+  }
+#else
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+template <typename T>
+LLMFAST_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
+#ifdef LLMFAST_SIMT_EMULATION
+  const int lane = simt::lane();
+  for (int i = 0; i < 4; ++i) {
+    const T* lo = __shfl_sync(0xFFFFFFFFu, row, i * 8 + 2 * (lane % 4));
+    const T* hi = __shfl_sync(0xFFFFFFFFu, row, i * 8 + 2 * (lane % 4) + 1);
+    r[i] = pack_pair(lo[lane / 4], hi[lane / 4]);
+  }
+#else
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+#endif
+}
+
+// The A fragment of the 16x16 tile at s (row-major, ld): matrices (rows 0-7 | 8-15) x
+// (columns 0-7 | 8-15) in the order a0a1, a2a3, a4a5, a6a7.
+template <typename T>
+LLMFAST_DEVICE void ldmatrix_a(FragA<T>& a, const T* s, int ld, int lane) {
+  const int m = lane >> 3, r = lane & 7;
+  ldmatrix_x4(a.x, s + (r + (m & 1) * 8) * ld + (m >> 1) * 8);
+}
+
+// The B fragments of two neighbouring n-tiles (n 0-7 and 8-15) for one k-step, B[k][n] =
+// s[n * ld + k] (row-major B^T).
+template <typename T>
+LLMFAST_DEVICE void ldmatrix_b_nk(FragB<T>& b0, FragB<T>& b1, const T* s, int ld, int lane) {
+  const int m = lane >> 3, r = lane & 7;
+  uint32_t x[4];
+  ldmatrix_x4(x, s + (r + (m >> 1) * 8) * ld + (m & 1) * 8);
+  b0.x[0] = x[0];
+  b0.x[1] = x[1];
+  b1.x[0] = x[2];
+  b1.x[1] = x[3];
+}
+
+// The same for B[k][n] = s[k * ld + n] (row-major B), through the transposing load.
+template <typename T>
+LLMFAST_DEVICE void ldmatrix_b_kn(FragB<T>& b0, FragB<T>& b1, const T* s, int ld, int lane) {
+  const int m = lane >> 3, r = lane & 7;
+  uint32_t x[4];
+  ldmatrix_x4_trans(x, s + (r + (m & 1) * 8) * ld + (m >> 1) * 8);
+  b0.x[0] = x[0];
+  b0.x[1] = x[1];
+  b1.x[0] = x[2];
+  b1.x[1] = x[3];
+}
+
+template <typename T>
+constexpr bool kTensorCore = sizeof(T) == 2;
+
+// The A fragment of the 16x16 tile at s: ldmatrix for 16-bit types, element loads for fp32.
+template <typename T>
+LLMFAST_DEVICE void load_a_tile(FragA<T>& a, const T* s, int ld, int lane) {
+  if constexpr (kTensorCore<T>) {
+    ldmatrix_a(a, s, ld, lane);
+  } else {
+    load_a(a, s, ld, lane);
+  }
+}
+
+// c (16 x kN) += a B^T for one k-step, a given, B^T (kN x 16) row-major at b (ld ldb).
+template <typename T, int kN>
+LLMFAST_DEVICE void warp_step_abt(float (&c)[kN / 8][4], const FragA<T>& a, const T* b, int ldb,
+                                  int lane) {
+  static_assert(kN % 16 == 0, "n-tiles are loaded in pairs");
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; nt += 2) {
+    FragB<T> b0, b1;
+    if constexpr (kTensorCore<T>) {
+      ldmatrix_b_nk(b0, b1, b + nt * 8 * ldb, ldb, lane);
+    } else {
+      load_b_nk(b0, b + nt * 8 * ldb, ldb, lane);
+      load_b_nk(b1, b + (nt + 1) * 8 * ldb, ldb, lane);
+    }
+    mma_16x8x16(c[nt], a, b0, lane);
+    mma_16x8x16(c[nt + 1], a, b1, lane);
+  }
+}
+
+// Runs step(kk) for kk < kSteps: fully unrolled for the tensor-core types (their fragments must
+// stay in registers), as a loop for fp32, whose shuffle products would otherwise unroll into a
+// huge kernel (compile time) for no speed that matters on that path.
+template <typename T, int kSteps, typename Step>
+LLMFAST_DEVICE void for_each_k_step(Step&& step) {
+  if constexpr (kTensorCore<T>) {
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) step(kk);
+  } else {
+#pragma unroll 1
+    for (int kk = 0; kk < kSteps; ++kk) step(kk);
+  }
+}
+
 // One warp: c (16 x kN) += A B^T, A (16 x kK) row-major at a (ld lda), B (kN x kK) row-major at
 // b (ld ldb); c[n / 8] is the C fragment of columns n .. n + 7.
 template <typename T, int kN, int kK>
 LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kN / 8][4], const T* a, int lda, const T* b, int ldb,
                                   int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
+  for_each_k_step<T, kK / 16>([&](int kk) {
     FragA<T> fa;
-    load_a(fa, a + kk * 16, lda, lane);
-#pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      FragB<T> fb;
-      load_b_nk(fb, b + nt * 8 * ldb + kk * 16, ldb, lane);
-      mma_16x8x16(c[nt], fa, fb, lane);
-    }
-  }
+    load_a_tile(fa, a + kk * 16, lda, lane);
+    warp_step_abt<T, kN>(c, fa, b + kk * 16, ldb, lane);
+  });
+}
+
+// The same with A already in registers: a[kk] is the fragment of columns 16kk .. 16kk + 15.
+template <typename T, int kN, int kK>
+LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kN / 8][4], const FragA<T> (&a)[kK / 16], const T* b,
+                                  int ldb, int lane) {
+  for_each_k_step<T, kK / 16>([&](int kk) { warp_step_abt<T, kN>(c, a[kk], b + kk * 16, ldb, lane); });
 }
 
 // One warp: c (16 x kN) += P B, P (16 x kK) held as C fragments p[k / 8] (rounded to T), B
@@ -234,17 +352,24 @@ LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kN / 8][4], const T* a, int lda, co
 template <typename T, int kN, int kK>
 LLMFAST_DEVICE void warp_gemm_pb(float (&c)[kN / 8][4], const float (&p)[kK / 8][4], const T* b,
                                  int ldb, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
+  static_assert(kN % 16 == 0, "n-tiles are loaded in pairs");
+  for_each_k_step<T, kK / 16>([&](int kk) {
     FragA<T> fa;
     a_from_c(fa, p[2 * kk], p[2 * kk + 1]);
+    const T* bk = b + kk * 16 * ldb;
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
-      FragB<T> fb;
-      load_b_kn(fb, b + kk * 16 * ldb + nt * 8, ldb, lane);
-      mma_16x8x16(c[nt], fa, fb, lane);
+    for (int nt = 0; nt < kN / 8; nt += 2) {
+      FragB<T> b0, b1;
+      if constexpr (kTensorCore<T>) {
+        ldmatrix_b_kn(b0, b1, bk + nt * 8, ldb, lane);
+      } else {
+        load_b_kn(b0, bk + nt * 8, ldb, lane);
+        load_b_kn(b1, bk + (nt + 1) * 8, ldb, lane);
+      }
+      mma_16x8x16(c[nt], fa, b0, lane);
+      mma_16x8x16(c[nt + 1], fa, b1, lane);
     }
-  }
+  });
 }
 
 }  // namespace mma

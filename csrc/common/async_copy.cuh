@@ -1,0 +1,44 @@
+// Asynchronous global -> shared memory copies (sm_80's cp.async), so a kernel can load its next
+// tile while it computes on the current one.
+//
+//   copy_async_16(dst, src)   starts a 16-byte copy (both addresses 16-byte aligned)
+//   async_commit()            closes the group of copies started since the last commit
+//   async_wait<N>()           waits until at most N committed groups are still in flight
+// A __syncthreads() after the wait makes the copies of every thread visible to the block.
+// Under LLMFAST_SIMT_EMULATION a copy completes at once (the kernels' buffer logic is still
+// exercised; only the overlap is not).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "common/device_compat.cuh"
+
+namespace llmfast {
+namespace device {
+
+LLMFAST_DEVICE void copy_async_16(void* dst_shared, const void* src_global) {
+#if defined(LLMFAST_SIMT_EMULATION)
+  std::memcpy(dst_shared, src_global, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst_shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global));
+#else
+  *static_cast<uint4*>(dst_shared) = *static_cast<const uint4*>(src_global);
+#endif
+}
+
+LLMFAST_DEVICE void async_commit() {
+#if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+LLMFAST_DEVICE void async_wait() {
+#if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+}  // namespace device
+}  // namespace llmfast
