@@ -8,14 +8,19 @@
 //             tensor cores, online softmax on the C fragments in registers, O += P V with P
 //             fed from the same registers (mma.cuh, a_from_c). O and the row statistics never
 //             leave registers until the end; the (Sq, Sk) scores never exist in memory.
-//   backward  delta = rowsum(dO * O) - dlse first (attention_delta_kernel), then two kernels
-//             that each recompute P = exp(S - lse), without atomics (deterministic):
+//   backward  delta = rowsum(dO * O) - dlse first (attention_delta_kernel), then
 //             dK/dV: one block per (kKeys keys, kv head, batch), each warp owns 16 keys and
 //                    loops over the query tiles of every query head of its group (GQA sums in
 //                    registers): S^T = K Q^T, dP^T = V dO^T, dS = P (dP - delta),
-//                    dV += P^T dO, dK += scale dS^T Q;
-//             dQ:    one block per (kM queries, query head, batch): S, dP = dO V^T, dS,
-//                    dQ += scale dS K, and the additive mask's gradient (dS) when asked for.
+//                    dV += P^T dO, dK += scale dS^T Q; and, fused (FlashAttention-2's
+//                    partitioning, fp16/bf16), dQ += scale dS K: dS^T goes through shared
+//                    memory, each warp multiplies 16 of the tile's queries and adds them
+//                    atomically into an fp32 dQ buffer (5 products in all, nondeterministic
+//                    summation order);
+//             dQ:    the deterministic alternative (torch.use_deterministic_algorithms, fp32,
+//                    and the additive mask's gradient): one block per (kM queries, query head,
+//                    batch) recomputes S and dP = dO V^T, then dQ += scale dS K and writes dS
+//                    as the mask's gradient (7 products in all, no atomics).
 // Element types: fp16 and bf16 on the tensor cores (fp32 accumulation, P and dS rounded to the
 // input type for the second product, as FlashAttention does); fp32 through the same kernels
 // with the exact fp32 product of mma.cuh (CUDA cores).
@@ -29,7 +34,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/async_copy.cuh"
+#include "common/memory.cuh"
 #include "common/device_compat.cuh"
 #include "common/mma.cuh"
 
@@ -69,7 +74,8 @@ struct Params {
   void* dq;
   void* dk;
   void* dv;
-  float* dmask;  // null unless the mask gradient is wanted
+  float* dmask;     // null unless the mask gradient is wanted
+  float* dq_accum;  // fused dQ (fp32, zeroed, atomically accumulated by the dK/dV kernel), or null
 };
 
 constexpr float kInf = INFINITY;
@@ -98,9 +104,12 @@ struct Tiles {
   static constexpr bool kQInRegisters = sizeof(T) == 2 && kD <= 128;
   static constexpr int fwd_shared_bytes() { return (kM + kStages * 2 * kN) * kLd * sizeof(T); }
   static constexpr int dq_shared_bytes() { return (2 * kM + kStages * 2 * kN) * kLd * sizeof(T); }
+  // dS^T of one step for the fused dQ (tensor-core types only).
+  static constexpr bool kFusedDq = sizeof(T) == 2;
+  static constexpr int kLdS = padded_ld<T>(kQueries);
   static constexpr int dkdv_shared_bytes() {
     return (2 * kKeys + kStages * 2 * kQueries) * kLd * sizeof(T) +
-           kStages * 2 * kQueries * sizeof(float);
+           kStages * 2 * kQueries * sizeof(float) + (kFusedDq ? kKeys * kLdS * sizeof(T) : 0);
   }
 };
 
@@ -524,6 +533,59 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   }
 }
 
+// --- backward: fused dQ, one step of the dK/dV kernel -------------------------------------------
+// ds[n] holds this warp's rows of dS^T (16 keys x kQ queries, C fragments, already times
+// d score / d raw). The block's dS^T goes to shared memory; then warp w multiplies the queries
+// 16 (w % kQB) .. + 15 of the tile (A = dS, read transposed) by the block's keys (B = K) for
+// the head-dim columns of its part (w / kQB, when there are more warps than 16-query blocks)
+// and adds the result into dq_accum. Calls __syncthreads (uniformly: a block-wide condition).
+template <typename T, int kD, int kKeys, int kQ>
+LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[kQ / 8][4], T* sdS, const T* sK,
+                                  int64_t bh, int64_t i0, int warp, int lane) {
+  constexpr int kLdS = Tiles<T, kD>::kLdS, kLd = Tiles<T, kD>::kLd;
+  constexpr int kWarps = kKeys / 16, kQB = kQ / 16, kParts = kWarps / kQB;
+  static_assert(kKeys >= kQ && kWarps % kQB == 0, "every 16-query block needs whole warps");
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < kQ / 8; ++n) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * r) * kLdS + n * 8 + 2 * t) =
+          mma::Element<T>::pack(ds[n][2 * r], ds[n][2 * r + 1]);
+    }
+  }
+  __syncthreads();
+  const int qb = warp % kQB, part = warp / kQB;
+  float* dq = p.dq_accum + (bh * p.Sq + i0 + qb * 16) * p.D;
+#pragma unroll 1
+  for (int np = part; np < kD / 16; np += kParts) {  // pairs of 8-column n-tiles
+    if (np * 16 >= p.D) break;                        // padding columns: nothing to add
+    float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      mma::FragA<T> a;
+      mma::FragB<T> b0, b1;
+      mma::ldmatrix_a_trans(a, sdS + kk * 16 * kLdS + qb * 16, kLdS, lane);
+      mma::ldmatrix_b_kn(b0, b1, sK + kk * 16 * kLd + np * 16, kLd, lane);
+      mma::mma_16x8x16(c[0], a, b0, lane);
+      mma::mma_16x8x16(c[1], a, b1, lane);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = qb * 16 + g + 8 * r;
+      if (i0 + row >= p.Sq) continue;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = np * 16 + j * 8 + 2 * t + e;
+          if (col < p.D) device::atomic_add(dq + (g + 8 * r) * p.D + col, c[j][2 * r + e]);
+        }
+      }
+    }
+  }
+}
+
 // --- backward: dK and dV ---------------------------------------------------------------------
 template <typename T, int kD>
 __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
@@ -536,6 +598,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
   T* sV = sK + kKeys * kLd;
   T* sQdO = sV + kKeys * kLd;  // stage s: queries at sQdO + 2 s kQ kLd, their dO kQ kLd further
   float* sStats = reinterpret_cast<float*>(sQdO + kStages * 2 * kQ * kLd);  // stage s: lse, delta
+  T* sdS = reinterpret_cast<T*>(sStats + kStages * 2 * kQ);                  // (kKeys, kLdS)
   auto queries = [&](int stage) { return sQdO + stage * 2 * kQ * kLd; };
   auto grads = [&](int stage) { return sQdO + (stage * 2 + 1) * kQ * kLd; };
   auto lses = [&](int stage) { return sStats + stage * 2 * kQ; };
@@ -627,6 +690,11 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
     }
     mma::warp_gemm_pb<T, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
     mma::warp_gemm_pb<T, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
+    if constexpr (Cfg::kFusedDq) {
+      if (p.dq_accum != nullptr) {
+        fused_dq_step<T, kD, kKeys, kQ>(p, dp, sdS, sK, b * p.Hq + h, i0, warp, lane);
+      }
+    }
     __syncthreads();
   }
   device::async_wait<0>();

@@ -4,6 +4,7 @@
 // SIMT emulator (LLMFAST_SIMT_EMULATION).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -213,6 +214,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_
   p.dk = grad_key.mutable_data_ptr();
   p.dv = grad_value.mutable_data_ptr();
   p.dmask = want_dmask ? dmask.mutable_data_ptr<float>() : nullptr;
+  // dQ fused into the dK/dV kernel (atomic fp32 sums) unless the caller asked for deterministic
+  // algorithms or the mask's gradient (written by the dQ kernel), or the inputs are fp32.
+  at::Tensor dq_accum;
+  if (query.scalar_type() != at::kFloat && !want_dmask &&
+      !at::globalContext().deterministicAlgorithms()) {
+    dq_accum = at::zeros({pr.B, pr.Hq, pr.Sq, pr.D}, query.options().dtype(at::kFloat));
+  }
+  p.dq_accum = dq_accum.defined() ? dq_accum.mutable_data_ptr<float>() : nullptr;
 
   dispatch(query.scalar_type(), kernel_head_dim(std::max(pr.D, pr.Dv)), [&](auto tag, auto dim) {
     using T = decltype(tag);
@@ -230,6 +239,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_
     LLMFAST_LAUNCH(dkdv_kernel, dkdv_grid, dim3(Cfg::kKeys * 2), Cfg::dkdv_shared_bytes(), p);
     device::check_launch();
 
+    if (p.dq_accum != nullptr) return;  // dQ was fused into the dK/dV kernel
     auto dq_kernel = &attention_bwd_dq_kernel<T, kD>;
     device::allow_shared_bytes(dq_kernel, Cfg::dq_shared_bytes());
     const dim3 dq_grid(static_cast<unsigned>((pr.Sq + Cfg::kM - 1) / Cfg::kM),
@@ -237,6 +247,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_
     LLMFAST_LAUNCH(dq_kernel, dq_grid, dim3(Cfg::kM * 2), Cfg::dq_shared_bytes(), p);
     device::check_launch();
   });
+  if (dq_accum.defined()) grad_query.copy_(dq_accum);
   return finish();
 }
 

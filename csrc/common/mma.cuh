@@ -257,6 +257,14 @@ LLMFAST_DEVICE void ldmatrix_a(FragA<T>& a, const T* s, int ld, int lane) {
   ldmatrix_x4(a.x, s + (r + (m & 1) * 8) * ld + (m >> 1) * 8);
 }
 
+// The A fragment of the 16x16 tile A[m][k] = s[k * ld + m] (A stored transposed), through the
+// transposing load: matrix i of ldmatrix_a's order, read from the transposed position.
+template <typename T>
+LLMFAST_DEVICE void ldmatrix_a_trans(FragA<T>& a, const T* s, int ld, int lane) {
+  const int m = lane >> 3, r = lane & 7;
+  ldmatrix_x4_trans(a.x, s + (r + (m >> 1) * 8) * ld + (m & 1) * 8);
+}
+
 // The B fragments of two neighbouring n-tiles (n 0-7 and 8-15) for one k-step, B[k][n] =
 // s[n * ld + k] (row-major B^T).
 template <typename T>

@@ -1,8 +1,8 @@
 """Scaled dot-product attention, (B, H, S, D) layout, self-attention (Sq = Sk = S), no mask.
 
 Shapes and flop counts from PERF.md. A shape is (B, H, S, D, causal) with causal 0 or 1 (a
-4-tuple given with --shapes means non-causal). Providers: llmfast's backends that have
-attention kernels (triton; reference on the CPU), torch eager F.scaled_dot_product_attention
+4-tuple given with --shapes means non-causal). Providers: every llmfast backend (cuda and
+triton on a GPU; cpu on the CPU), torch eager F.scaled_dot_product_attention
 (torch's own backend choice), torch.compile of it, and SDPA restricted to one backend:
 'sdpa-flash' (SDPBackend.FLASH_ATTENTION: FlashAttention-2 on CUDA, torch's flash kernel on the
 CPU) and 'sdpa-cudnn' (SDPBackend.CUDNN_ATTENTION, CUDA only), skipped where unavailable.
@@ -127,5 +127,4 @@ register(OpSpec(
         "sdpa-cudnn": "F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.CUDNN_ATTENTION)",
     },
     shape_names=("B", "H", "S", "D", "causal"),
-    backends=("triton", "reference"),
 ))

@@ -1,12 +1,15 @@
-// Asynchronous global -> shared memory copies (sm_80's cp.async), so a kernel can load its next
-// tile while it computes on the current one.
+// Memory operations of the warp-level kernels: asynchronous global -> shared copies (sm_80's
+// cp.async), so a kernel can load its next tile while it computes on the current one, and
+// atomic accumulation into global memory.
 //
 //   copy_async_16(dst, src)   starts a 16-byte copy (both addresses 16-byte aligned)
 //   async_commit()            closes the group of copies started since the last commit
 //   async_wait<N>()           waits until at most N committed groups are still in flight
+//   atomic_add(p, v)          *p += v for a float in global memory, atomically
 // A __syncthreads() after the wait makes the copies of every thread visible to the block.
 // Under LLMFAST_SIMT_EMULATION a copy completes at once (the kernels' buffer logic is still
-// exercised; only the overlap is not).
+// exercised; only the overlap is not), and an atomic add is a plain add (one OS thread runs
+// every emulated thread).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -37,6 +40,15 @@ template <int N>
 LLMFAST_DEVICE void async_wait() {
 #if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// *p += v, atomically with respect to other threads (the result is not read: one reduction).
+LLMFAST_DEVICE void atomic_add(float* p, float v) {
+#ifdef LLMFAST_SIMT_EMULATION
+  *p += v;
+#else
+  atomicAdd(p, v);
 #endif
 }
 
