@@ -1,4 +1,6 @@
-"""Scaled dot-product attention: the Triton FlashAttention kernels against the reference, by the
+"""Scaled dot-product attention: every kernel backend on the machine (cuda and triton on a GPU;
+cpu and Triton's interpreter without one, where tests/test_cuda_emulation.py runs the CUDA
+kernels through the SIMT emulator with these same checks) against the reference, by the
 FlashAttention rule, for values and gradients (query, key, value and an additive mask); plus
 the reference against torch, dropout, layouts, bad input, opcheck and torch.compile.
 
@@ -27,7 +29,8 @@ import llmfast.functional as LF
 from conftest import DEVICES, backends_for
 from llmfast.reference.attention import attention as reference_attention
 
-KERNEL_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d) if b in ("triton", "cpu")]
+KERNEL_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
+                 if b in ("cuda", "triton", "cpu")]
 ALL_DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
@@ -137,7 +140,7 @@ def _check(device, backend, dtype, case, seed_text=None):
 # Triton's interpreter (the CPU runs of the triton backend) computes bf16 tl.dot wrongly, so
 # bf16 runs only on GPUs there; the C++ CPU kernels take every dtype.
 MATCH_PARAMS = [pytest.param(d, b, dt, id=f"{d}-{b}-{DTYPE_IDS(dt)}") for d in DEVICES for b in backends_for(d)
-                if b in ("triton", "cpu") for dt in (ALL_DTYPES if b == "cpu" else DTYPES)]
+                if b in ("cuda", "triton", "cpu") for dt in (ALL_DTYPES if b == "cpu" else DTYPES)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -300,8 +303,12 @@ def test_backend_choice():
     if KERNEL_PARAMS:
         device = KERNEL_PARAMS[0].values[0]
         big = big.to(device)
-        with llmfast.use_backend("triton"), pytest.raises(llmfast.BackendUnavailableError, match="query's head dim"):
-            LF.scaled_dot_product_attention(big, big, big)
+        for backend, dev in (("triton", device), ("cuda", "cuda")):
+            if backend in llmfast.available_backends():
+                x = big.to(dev)
+                with llmfast.use_backend(backend), pytest.raises(llmfast.BackendUnavailableError,
+                                                                 match="query's head dim"):
+                    LF.scaled_dot_product_attention(x, x, x)
         with llmfast.use_backend("auto"):
             LF.scaled_dot_product_attention(big, big, big)  # falls back to the reference
 
@@ -437,7 +444,7 @@ def test_torch_compile_fullgraph(device, backend):
 
 # --- nn modules -------------------------------------------------------------------------------
 NN_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
-             if b in ("triton", "cpu", "reference")]
+             if b in ("cuda", "triton", "cpu", "reference")]
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, for config 5
