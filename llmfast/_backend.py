@@ -35,8 +35,9 @@ AUTO_CUDA = {
     # Provisional: the CUDA kernel reads each row once (cluster-split rows on Hopper) where the
     # Triton kernel re-reads rows longer than 32768; to be confirmed by the H100 results.
     "cross_entropy": "cuda",
-    # Provisional: attention has no CUDA kernel yet (only triton and reference), so auto takes
-    # the Triton FlashAttention kernels until a CUDA one is written and measured against them.
+    # Provisional: the Triton FlashAttention kernels have run on an H100; the CUDA ones
+    # (csrc/attention/attention_cuda.cuh) have so far run only in the CPU emulator
+    # (tests/test_cuda_emulation.py). Auto keeps Triton until one H100 run measures both.
     "attention": "triton",
 }
 
