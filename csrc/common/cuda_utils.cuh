@@ -1,15 +1,13 @@
-// Small device helpers shared by the CUDA kernels: integer helpers, 16-byte register packs of
-// float32 / float16 / bfloat16 elements, and a launcher that adds a thread-block cluster only
-// when one is asked for.
+// Small device helpers shared by the CUDA kernels: integer helpers and 16-byte register packs of
+// float32 / float16 / bfloat16 elements. Device-agnostic (device_compat.cuh): also compiled for
+// the SIMT emulator.
 #pragma once
 #include <cstdint>
-#include <utility>
 
-#include <cuda_runtime.h>
-
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "common/device_compat.cuh"
 
 namespace llmfast {
 namespace cuda {
@@ -74,15 +72,23 @@ struct alignas(16) Packed {
   // Read-only-cache load / plain store that the compiler keeps in program order with the other
   // *_ordered accesses: a loop of "load a parameter pack, compute, store" then holds one pack at
   // a time in registers instead of hoisting every iteration's load to the top.
+  // (The emulator has no compiler reordering to prevent: plain accesses there.)
   __device__ __forceinline__ void load_ldg_ordered(const T* p) {
+#ifdef LLMFAST_SIMT_EMULATION
+    load(p);
+#else
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
                    : "=r"(chunk[c].x), "=r"(chunk[c].y), "=r"(chunk[c].z), "=r"(chunk[c].w)
                    : "l"(reinterpret_cast<const uint4*>(p) + c));
     }
+#endif
   }
   __device__ __forceinline__ void store_ordered(T* p) const {
+#ifdef LLMFAST_SIMT_EMULATION
+    store(p);
+#else
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
       asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
@@ -91,33 +97,13 @@ struct alignas(16) Packed {
                      "r"(chunk[c].z), "r"(chunk[c].w)
                    : "memory");
     }
+#endif
   }
   __device__ __forceinline__ void store(T* p) const {
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(p)[c] = chunk[c];
   }
 };
-
-// Launches `kernel(args...)` on `stream`; with cluster > 1 the 1-D grid is split into clusters
-// of `cluster` consecutive blocks (Hopper and newer; grid must be a multiple of cluster).
-template <typename... KernelArgs, typename... Args>
-void launch_kernel(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, size_t smem,
-                   unsigned cluster, cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid, 1, 1);
-  cfg.blockDim = dim3(block, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = cluster > 1 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 }  // namespace cuda
 }  // namespace llmfast

@@ -1,25 +1,41 @@
-// A CPU emulator of CUDA thread blocks, so that the logic of a CUDA kernel (indexing, warp
-// fragments, shuffles, barriers, masking) can be tested on a machine without a GPU.
+// A CPU emulator of CUDA thread blocks and thread-block clusters, so that the logic of a CUDA
+// kernel (indexing, warp fragments, shuffles, barriers, shared and distributed shared memory,
+// masking) can be tested on a machine without a GPU.
 //
 // Used only when a kernel header is compiled as plain C++ with LLMFAST_SIMT_EMULATION defined
 // (tests/emulation/): device_compat.cuh then maps the CUDA keywords and intrinsics the kernels
-// use onto the functions below. Every thread of a block is a fiber (ucontext) on one OS thread;
-// a cooperative scheduler runs them round-robin, so a run is deterministic. Blocks run one after
+// use onto the functions below. Every thread is a fiber (ucontext) on one OS thread; a
+// cooperative scheduler runs them in rounds: every thread that is not done runs until it waits or
+// finishes, in an order shuffled anew each round by a fixed-seed generator, so that a read that
+// is not ordered after the write it needs by a barrier (a race) meets the write's absence in some
+// interleaving, while a run stays deterministic. (LLMFAST_EMULATED_SCHEDULE=forward runs the
+// threads in index order instead.) The blocks of one
+// cluster (a plain launch: clusters of one block) run concurrently; clusters run one after
 // another. What is emulated:
 //   threadIdx / blockIdx / blockDim / gridDim     globals the scheduler sets on every switch
 //   __syncthreads, __syncwarp                     barriers (a barrier some threads never reach
 //                                                 is reported as a deadlock, as it would hang)
+//   cluster barrier (arrive / wait / sync)        over every thread of the cluster
 //   __shfl_sync / __shfl_xor_sync                 warp exchange through a per-warp buffer
 //   warp-level mma.m16n8k16 (f16 / bf16 -> f32)   computed from every lane's fragment registers
 //                                                 with PTX's documented fragment layout
 //   dynamic shared memory                         one buffer per block, filled with 0xFF bytes
-//                                                 (NaN) first so unwritten reads show
+//   static shared memory (LLMFAST_SHARED)         (NaN) first so unwritten reads show; static
+//                                                 variables sit at the same offset in every
+//                                                 block of a launch, as on the GPU
+//   distributed shared memory (map_shared_rank)   the same offset in another block of the
+//                                                 cluster; a block's shared memory is refilled
+//                                                 with 0xFF when it exits, so a peer that reads
+//                                                 it afterwards (a missing exit barrier) sees NaN
+// Errors inside a kernel (a shuffle from a lane outside the warp, a deadlock, a map to a block
+// outside the cluster) are raised as std::runtime_error from the launch.
 // Not emulated: timing, memory ordering between blocks, asynchronous copies (done at once).
 #pragma once
 #ifndef LLMFAST_SIMT_EMULATION
 #error "simt_emulator.h is for LLMFAST_SIMT_EMULATION builds only"
 #endif
 
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <cmath>
@@ -28,12 +44,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_functions.h>
 #include <vector_types.h>
 
 // The built-in variables of a kernel (globals here: one OS thread runs every fiber).
@@ -48,21 +69,40 @@ namespace simt {
 constexpr int kWarpSize = 32;
 constexpr int kExchangeSlots = 8;  // 32-bit words each lane can publish to its warp at once
 constexpr size_t kStackBytes = 512 * 1024;
+constexpr size_t kStaticSharedBytes = 48 * 1024;  // CUDA's limit for static shared memory
 
-struct Runtime {
-  int nthreads = 0;
-  int current = 0;
-  std::vector<ucontext_t> ctx;
-  std::vector<std::vector<char>> stacks;
-  std::vector<char> done;
-  ucontext_t scheduler;
-  uint64_t progress = 0;  // bumped by every barrier arrival and finished thread
-  int block_arrived = 0;
-  uint64_t block_generation = 0;
+// One block of the cluster that is running: its barriers, warp exchange and shared memory.
+struct Block {
+  dim3 idx;
+  int arrived = 0;
+  uint64_t generation = 0;
+  int alive = 0;
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_generation;
   std::vector<uint32_t> exchange;  // [warp][lane][slot]
-  std::vector<unsigned char> shared;
+  std::vector<unsigned char> shared;         // dynamic
+  std::vector<unsigned char> static_shared;  // LLMFAST_SHARED variables
+};
+
+struct Runtime {
+  int nthreads = 0;  // per block
+  int nblocks = 0;   // per cluster: fiber f is thread f % nthreads of block f / nthreads
+  int current = 0;   // running fiber
+  std::vector<ucontext_t> ctx;
+  unsigned char* stacks = nullptr;  // nthreads * nblocks stacks, mapped lazily
+  size_t stacks_bytes = 0;
+  std::vector<char> done;
+  ucontext_t scheduler;
+  uint64_t progress = 0;  // bumped by every barrier arrival and finished thread
+  std::vector<Block> blocks;
+  int cluster_arrived = 0;
+  uint64_t cluster_generation = 0;
+  std::vector<uint64_t> cluster_phase;  // per fiber: the generation it last arrived in
+  // Offsets of the static shared variables in a block's static_shared, by declaration site;
+  // the same in every block of the launch.
+  std::map<const void*, size_t> static_offsets;
+  size_t static_used = 0;
+  std::string error;  // set by a fiber that failed; the scheduler raises it
   std::function<void()> body;
 };
 
@@ -71,9 +111,21 @@ inline Runtime*& runtime() {
   return rt;
 }
 
-[[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "llmfast simt emulator: %s\n", what);
-  std::abort();
+inline void yield() {
+  Runtime& rt = *runtime();
+  swapcontext(&rt.ctx[rt.current], &rt.scheduler);
+}
+
+// Reports an error of the kernel: the launch raises it once the failing fiber yields (the fiber
+// is never resumed). Outside a launch there is no kernel to blame: abort.
+[[noreturn]] inline void fail(const std::string& what) {
+  Runtime* rt = runtime();
+  if (rt == nullptr) {
+    std::fprintf(stderr, "llmfast simt emulator: %s\n", what.c_str());
+    std::abort();
+  }
+  rt->error = "llmfast simt emulator: " + what;
+  for (;;) yield();
 }
 
 inline int thread_rank() {
@@ -81,22 +133,48 @@ inline int thread_rank() {
 }
 inline int lane() { return thread_rank() % kWarpSize; }
 inline int warp() { return thread_rank() / kWarpSize; }
-
-inline void yield() {
+inline Block& block() {
   Runtime& rt = *runtime();
-  swapcontext(&rt.ctx[rt.current], &rt.scheduler);
+  return rt.blocks[rt.current / rt.nthreads];
 }
+// Rank of the running block in its cluster.
+inline int cluster_rank() { return runtime()->current / runtime()->nthreads; }
+inline int cluster_size() { return runtime()->nblocks; }
 
 inline void block_barrier() {
   Runtime& rt = *runtime();
-  const uint64_t gen = rt.block_generation;
+  Block& b = block();
+  const uint64_t gen = b.generation;
   ++rt.progress;
-  if (++rt.block_arrived == rt.nthreads) {
-    rt.block_arrived = 0;
-    ++rt.block_generation;
+  if (++b.arrived == rt.nthreads) {
+    b.arrived = 0;
+    ++b.generation;
     return;
   }
-  while (rt.block_generation == gen) yield();
+  while (b.generation == gen) yield();
+}
+
+// The two halves of the cluster barrier (barrier.cluster.arrive / .wait): a thread that has
+// arrived may go on until it waits; the wait returns once every thread of the cluster arrived.
+inline void cluster_arrive() {
+  Runtime& rt = *runtime();
+  rt.cluster_phase[rt.current] = rt.cluster_generation;
+  ++rt.progress;
+  if (++rt.cluster_arrived == rt.nthreads * rt.nblocks) {
+    rt.cluster_arrived = 0;
+    ++rt.cluster_generation;
+  }
+}
+
+inline void cluster_wait() {
+  Runtime& rt = *runtime();
+  const uint64_t phase = rt.cluster_phase[rt.current];
+  while (rt.cluster_generation == phase) yield();
+}
+
+inline void cluster_sync() {
+  cluster_arrive();
+  cluster_wait();
 }
 
 inline int warp_threads(int w) {
@@ -106,19 +184,20 @@ inline int warp_threads(int w) {
 
 inline void warp_barrier() {
   Runtime& rt = *runtime();
+  Block& b = block();
   const int w = warp();
-  const uint64_t gen = rt.warp_generation[w];
+  const uint64_t gen = b.warp_generation[w];
   ++rt.progress;
-  if (++rt.warp_arrived[w] == warp_threads(w)) {
-    rt.warp_arrived[w] = 0;
-    ++rt.warp_generation[w];
+  if (++b.warp_arrived[w] == warp_threads(w)) {
+    b.warp_arrived[w] = 0;
+    ++b.warp_generation[w];
     return;
   }
-  while (rt.warp_generation[w] == gen) yield();
+  while (b.warp_generation[w] == gen) yield();
 }
 
 inline uint32_t* exchange_slot(int w, int l, int slot) {
-  return &runtime()->exchange[(static_cast<size_t>(w) * kWarpSize + l) * kExchangeSlots + slot];
+  return &block().exchange[(static_cast<size_t>(w) * kWarpSize + l) * kExchangeSlots + slot];
 }
 
 // Every lane publishes `v` and receives the value of lane `src`.
@@ -176,6 +255,63 @@ void mma_m16n8k16(float c[4], const uint32_t a[4], const uint32_t b[2]) {
   for (int i = 0; i < 4; ++i) c[i] = d[i];
 }
 
+inline unsigned char* dynamic_shared_memory() { return block().shared.data(); }
+
+// The running block's instance of the static shared variable declared at `site` (one address
+// per declaration, e.g. a function-local static of the declaring function).
+inline void* static_shared(const void* site, size_t bytes) {
+  Runtime& rt = *runtime();
+  auto it = rt.static_offsets.find(site);
+  if (it == rt.static_offsets.end()) {
+    const size_t offset = (rt.static_used + 15) / 16 * 16;
+    if (offset + bytes > kStaticSharedBytes) fail("static shared memory over 48 KB");
+    rt.static_used = offset + bytes;
+    it = rt.static_offsets.emplace(site, offset).first;
+  }
+  return block().static_shared.data() + it->second;
+}
+
+// The address in the shared memory of block `rank` of the cluster at the offset that `p` has
+// in the running block's (cooperative_groups' cluster_group::map_shared_rank).
+template <typename T>
+T* map_shared_rank(T* p, int rank) {
+  Runtime& rt = *runtime();
+  if (rank < 0 || rank >= rt.nblocks) fail("map_shared_rank to a block outside the cluster");
+  Block& me = block();
+  Block& peer = rt.blocks[rank];
+  if (peer.alive == 0) fail("map_shared_rank to a block of the cluster that has exited");
+  auto* c = reinterpret_cast<unsigned char*>(const_cast<std::remove_cv_t<T>*>(p));
+  auto within = [c](std::vector<unsigned char>& buf) {
+    return !buf.empty() && c >= buf.data() && c < buf.data() + buf.size();
+  };
+  unsigned char* q = nullptr;
+  if (within(me.static_shared)) {
+    q = peer.static_shared.data() + (c - me.static_shared.data());
+  } else if (within(me.shared)) {
+    q = peer.shared.data() + (c - me.shared.data());
+  } else {
+    fail("map_shared_rank of an address outside the block's shared memory");
+  }
+  return reinterpret_cast<T*>(q);
+}
+
+// Every launch's configuration, in order, for tests that check which kernels and shapes a launcher
+// chose (take_launch_log returns and clears it).
+struct LaunchRecord {
+  dim3 grid, block;
+  size_t shared_bytes;
+  unsigned cluster;
+};
+inline std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+inline std::vector<LaunchRecord> take_launch_log() {
+  std::vector<LaunchRecord> out;
+  out.swap(launch_log());
+  return out;
+}
+
 inline void fiber_entry() {
   Runtime& rt = *runtime();
   const int me = rt.current;
@@ -185,73 +321,130 @@ inline void fiber_entry() {
   // returning resumes uc_link, the scheduler
 }
 
-// Runs `body` (the kernel call) once per thread of every block of the grid.
-inline void launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body) {
-  const int n = static_cast<int>(block.x * block.y * block.z);
-  if (n <= 0 || n > 1024) fail("block size must be in 1..1024");
+// Runs `body` (the kernel call) once per thread of every block of the grid. The 1-D grid is cut
+// into clusters of `cluster` consecutive blocks (grid.x a multiple of it; 1 for a plain launch).
+inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, unsigned cluster,
+                   const std::function<void()>& body) {
+  const int n = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
+  if (n <= 0 || n > 1024) throw std::runtime_error("llmfast simt emulator: block size must be in 1..1024");
+  if (cluster < 1 || cluster > 16 || grid.x % cluster != 0 || (cluster > 1 && grid.y * grid.z != 1)) {
+    throw std::runtime_error("llmfast simt emulator: a cluster launch needs a 1-D grid that is a "
+                             "multiple of the cluster size (at most 16)");
+  }
+  launch_log().push_back({grid, block_dim, shared_bytes, cluster});
   Runtime rt;
   rt.nthreads = n;
+  rt.nblocks = static_cast<int>(cluster);
   rt.body = body;
+  const int fibers = n * rt.nblocks;
   const int warps = (n + kWarpSize - 1) / kWarpSize;
-  rt.warp_arrived.assign(warps, 0);
-  rt.warp_generation.assign(warps, 0);
-  rt.exchange.assign(static_cast<size_t>(warps) * kWarpSize * kExchangeSlots, 0u);
-  rt.ctx.resize(n);
-  rt.stacks.resize(n);
-  for (auto& s : rt.stacks) s.resize(kStackBytes);
+  rt.blocks.resize(rt.nblocks);
+  for (Block& b : rt.blocks) {
+    b.warp_arrived.assign(warps, 0);
+    b.warp_generation.assign(warps, 0);
+    b.exchange.assign(static_cast<size_t>(warps) * kWarpSize * kExchangeSlots, 0u);
+  }
+  rt.ctx.resize(fibers);
+  rt.cluster_phase.assign(fibers, 0);
+  // Reserved, not committed: a fiber touches a few pages of its stack.
+  rt.stacks_bytes = kStackBytes * fibers;
+  void* stacks = mmap(nullptr, rt.stacks_bytes, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (stacks == MAP_FAILED) throw std::runtime_error("llmfast simt emulator: cannot map fiber stacks");
+  rt.stacks = static_cast<unsigned char*>(stacks);
   Runtime* saved = runtime();
   runtime() = &rt;
+  auto finish = [&] {
+    runtime() = saved;
+    munmap(rt.stacks, rt.stacks_bytes);
+  };
   gridDim = grid;
-  blockDim = block;
+  blockDim = block_dim;
+  const char* schedule = std::getenv("LLMFAST_EMULATED_SCHEDULE");
+  const bool shuffled = schedule == nullptr || std::strcmp(schedule, "forward") != 0;
+  std::mt19937 rng(0x5eed);
+  std::vector<int> order(fibers);
+  std::iota(order.begin(), order.end(), 0);
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        blockIdx = dim3(bx, by, bz);
-        rt.shared.assign(shared_bytes, 0xFF);
-        rt.done.assign(n, 0);
-        rt.block_arrived = 0;
-        for (int i = 0; i < n; ++i) {
+      for (unsigned bx0 = 0; bx0 < grid.x; bx0 += cluster) {
+        for (int r = 0; r < rt.nblocks; ++r) {
+          Block& b = rt.blocks[r];
+          b.idx = dim3(bx0 + r, by, bz);
+          b.shared.assign(shared_bytes, 0xFF);
+          b.static_shared.assign(kStaticSharedBytes, 0xFF);
+          b.arrived = 0;
+          b.alive = n;
+        }
+        rt.done.assign(fibers, 0);
+        rt.cluster_arrived = 0;
+        for (int i = 0; i < fibers; ++i) {
           getcontext(&rt.ctx[i]);
-          rt.ctx[i].uc_stack.ss_sp = rt.stacks[i].data();
-          rt.ctx[i].uc_stack.ss_size = rt.stacks[i].size();
+          rt.ctx[i].uc_stack.ss_sp = rt.stacks + kStackBytes * i;
+          rt.ctx[i].uc_stack.ss_size = kStackBytes;
           rt.ctx[i].uc_link = &rt.scheduler;
           makecontext(&rt.ctx[i], fiber_entry, 0);
         }
-        int alive = n, idle_rounds = 0;
+        int alive = fibers, idle_rounds = 0;
         while (alive > 0) {
           const uint64_t before = rt.progress;
-          for (int i = 0; i < n; ++i) {
+          if (shuffled) std::shuffle(order.begin(), order.end(), rng);
+          for (const int i : order) {
             if (rt.done[i]) continue;
+            Block& b = rt.blocks[i / n];
+            const int t = i % n;
             rt.current = i;
-            threadIdx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+            blockIdx = b.idx;
+            threadIdx = dim3(t % block_dim.x, (t / block_dim.x) % block_dim.y,
+                             t / (block_dim.x * block_dim.y));
             swapcontext(&rt.scheduler, &rt.ctx[i]);
-            if (rt.done[i]) --alive;
+            if (!rt.error.empty()) {
+              const std::string what = rt.error + " (block " + std::to_string(b.idx.x) + "," +
+                                       std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
+                                       ", thread " + std::to_string(t) + ")";
+              finish();
+              throw std::runtime_error(what);
+            }
+            if (rt.done[i]) {
+              --alive;
+              // An exited block's shared memory is gone: poison it for peers that still read.
+              if (--b.alive == 0) {
+                std::memset(b.shared.data(), 0xFF, b.shared.size());
+                std::memset(b.static_shared.data(), 0xFF, b.static_shared.size());
+              }
+            }
           }
           if (rt.progress == before && alive > 0 && ++idle_rounds > 1) {
-            runtime() = saved;
+            finish();
             throw std::runtime_error(
                 "llmfast simt emulator: deadlock: " + std::to_string(alive) +
-                " threads wait at a barrier that the others never reach (block " +
-                std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) + ")");
+                " threads wait at a barrier that the others never reach (cluster of block " +
+                std::to_string(bx0) + "," + std::to_string(by) + "," + std::to_string(bz) + ")");
           }
           if (rt.progress != before) idle_rounds = 0;
         }
       }
     }
   }
-  runtime() = saved;
+  finish();
 }
 
-inline unsigned char* dynamic_shared_memory() { return runtime()->shared.data(); }
+inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::function<void()>& body) {
+  launch(grid, block_dim, shared_bytes, 1, body);
+}
 
 }  // namespace simt
 }  // namespace llmfast
 
 // The CUDA names the kernels use.
 #undef __global__
+#undef __device__
+#undef __host__
 #undef __forceinline__
 #undef __launch_bounds__
 #define __global__
+#define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 inline void __syncthreads() { llmfast::simt::block_barrier(); }
@@ -266,3 +459,34 @@ V __shfl_xor_sync(unsigned, V v, int mask, int width = 32) {
   (void)width;
   return llmfast::simt::shuffle(v, llmfast::simt::lane() ^ mask);
 }
+[[noreturn]] inline void __trap() { llmfast::simt::fail("__trap()"); }
+// Read-only-cache load: a plain load here.
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+// Device math and bit-cast intrinsics, at full precision (the fast versions' results lie within
+// their documented error of these).
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint32_t __float_as_uint(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+// CUDA's device overloads of min / max for the integer types.
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long min(long a, long b) { return a < b ? a : b; }
+inline long max(long a, long b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
