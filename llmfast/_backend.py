@@ -35,9 +35,10 @@ AUTO_CUDA = {
     # Provisional: the CUDA kernel reads each row once (cluster-split rows on Hopper) where the
     # Triton kernel re-reads rows longer than 32768; to be confirmed by the H100 results.
     "cross_entropy": "cuda",
-    # Provisional: the Triton FlashAttention kernels have run on an H100; the CUDA ones
-    # (csrc/attention/attention_cuda.cuh) have so far run only in the CPU emulator
-    # (tests/test_cuda_emulation.py). Auto keeps Triton until one H100 run measures both.
+    # Provisional, neither attention backend has run on a GPU yet (Triton's kernels in its CPU
+    # interpreter, the CUDA ones in tests/test_cuda_emulation.py's emulator). Triton lowers
+    # tl.dot to Hopper's wgmma on sm_90, where the CUDA kernels use sm_80's mma.sync, so auto
+    # takes Triton until one H100 run measures both.
     "attention": "triton",
 }
 
