@@ -3,8 +3,9 @@
 // launchers are in attention_cuda_launch.h.
 //
 // Work partitioning (FlashAttention-2), grid (tiles, heads, batch):
-//   forward   one block per (kM queries, query head, batch); each warp owns 16 query rows and
-//             streams the key/value tiles of the band through shared memory: S = Q K^T on the
+//   forward   one block per (kFwdM queries, query head, batch); each warp owns 16 or 32 query
+//             rows (Tiles::kFwdMT) and streams the key/value tiles of the band through shared
+//             memory (cp.async, double-buffered): S = Q K^T on the
 //             tensor cores, online softmax on the C fragments in registers, O += P V with P
 //             fed from the same registers (mma.cuh, a_from_c). O and the row statistics never
 //             leave registers until the end; the (Sq, Sk) scores never exist in memory.
@@ -94,15 +95,20 @@ template <typename T, int kD>
 struct Tiles {
   static constexpr bool kBig = kD > 128;
   static constexpr bool kWide = sizeof(T) == 4 && kBig;
-  static constexpr int kM = kWide ? 32 : 64;        // queries per block (forward, dQ)
+  static constexpr int kM = kWide ? 32 : 64;        // queries per block (dQ), 16 per warp
   static constexpr int kN = kBig ? 32 : 64;         // keys per tile (forward, dQ)
+  // The forward's warps own kFwdMT row tiles of 16 queries (two where the registers allow:
+  // fewer shared-memory reads per mma), kFwdM queries per block, kM / 16 warps.
+  // (ptxas, sm_90a: two tiles at head dim 128 need more than 255 registers and spill).
+  static constexpr int kFwdMT = sizeof(T) == 2 && kD <= 64 ? 2 : 1;
+  static constexpr int kFwdM = kM * kFwdMT;
   static constexpr int kKeys = kWide ? 32 : 64;     // keys per block (dK/dV)
   static constexpr int kQueries = kBig ? 32 : 64;   // queries per tile (dK/dV)
   static constexpr int kStages = sizeof(T) == 2 ? 2 : 1;
   static constexpr int kLd = padded_ld<T>(kD);
   // The forward keeps its warp's Q fragments in registers where they fit beside O.
-  static constexpr bool kQInRegisters = sizeof(T) == 2 && kD <= 128;
-  static constexpr int fwd_shared_bytes() { return (kM + kStages * 2 * kN) * kLd * sizeof(T); }
+  static constexpr bool kQInRegisters = sizeof(T) == 2 && kFwdMT == 1 && kD <= 128;
+  static constexpr int fwd_shared_bytes() { return (kFwdM + kStages * 2 * kN) * kLd * sizeof(T); }
   static constexpr int dq_shared_bytes() { return (2 * kM + kStages * 2 * kN) * kLd * sizeof(T); }
   // dS^T of one step for the fused dQ (tensor-core types only).
   static constexpr bool kFusedDq = sizeof(T) == 2;
@@ -141,11 +147,19 @@ LLMFAST_DEVICE void load_tile(T* s, int ld, const T* g, int64_t row_stride, int 
   }
 }
 
+// tanh to a few ulp. Not tanhf: the extension is built with --use_fast_math, which turns
+// tanhf into tanh.approx.f32 (about 2^-11 relative error: a visible error in softcapped logits
+// and in 1 - tanh^2); expm1f has no fast-math substitute.
+LLMFAST_DEVICE float accurate_tanh(float x) {
+  const float em1 = expm1f(-2.f * fabsf(x));  // in (-1, 0]
+  return copysignf(-em1 / (2.f + em1), x);
+}
+
 // The score of query i and key j after scaling and softcap, from the raw product q . k;
 // th = tanh(.) under softcap (for the backward), else 0.
 LLMFAST_DEVICE float scaled_score(const Params& p, float raw, float& th) {
   if (p.softcap > 0.f) {
-    th = tanhf(raw * p.softcap_scale);
+    th = accurate_tanh(raw * p.softcap_scale);
     return p.softcap * th;
   }
   th = 0.f;
@@ -223,8 +237,8 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
     attention_fwd_kernel(const LLMFAST_GRID_CONSTANT Params p) {
   using Cfg = Tiles<T, kD>;
-  constexpr int kM = Cfg::kM, kN = Cfg::kN, kLd = Cfg::kLd, kThreads = kM * 2;
-  constexpr int kStages = Cfg::kStages;
+  constexpr int kMT = Cfg::kFwdMT, kM = Cfg::kFwdM, kN = Cfg::kN, kLd = Cfg::kLd;
+  constexpr int kThreads = Cfg::kM * 2, kStages = Cfg::kStages;
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sKV = sQ + kM * kLd;  // stage s: keys at sKV + 2 s kN kLd, values kN kLd further
@@ -255,13 +269,21 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   if (kStages == 2 && j_first < jhi) load_kv(j_first, 0);
   device::async_commit();
 
-  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};
-  float acc[kD / 8][4];
+  // Row statistics and O for this thread's rows: row tile mt, half r (the C fragment's rows g
+  // and g + 8) is query row0 + 16 mt + 8 r.
+  float m[kMT][2], l[kMT][2];
+  float acc[kMT][kD / 8][4];
 #pragma unroll
-  for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  mma::FragA<T> qf[Cfg::kQInRegisters ? kD / 16 : 1];
+  for (int mt = 0; mt < kMT; ++mt) {
+    m[mt][0] = m[mt][1] = -kInf;
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int n = 0; n < kD / 8; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+  }
+  mma::FragA<T> qf[kMT][Cfg::kQInRegisters ? kD / 16 : 1];
+  const T* sQw = sQ + warp * 16 * kMT * kLd;        // this warp's query rows
+  const int64_t row0 = i0 + warp * 16 * kMT + g;
 
-  const int64_t row0 = i0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
   int it = 0;
   for (int64_t j0 = j_first; j0 < jhi; j0 += kN, ++it) {
     const int stage = kStages == 2 ? (it & 1) : 0;
@@ -278,90 +300,110 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
     }
     __syncthreads();
 
-    float s[kN / 8][4];
+    float s[kMT][kN / 8][4];
 #pragma unroll
-    for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int n = 0; n < kN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+    }
     if constexpr (Cfg::kQInRegisters) {
       if (it == 0) {
 #pragma unroll
-        for (int kk = 0; kk < kD / 16; ++kk) mma::load_a_tile(qf[kk], sQ + warp * 16 * kLd + kk * 16, kLd, lane);
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int kk = 0; kk < kD / 16; ++kk) mma::load_a_tile(qf[mt][kk], sQw + mt * 16 * kLd + kk * 16, kLd, lane);
+        }
       }
-      mma::warp_gemm_abt<T, kN, kD>(s, qf, keys(stage), kLd, lane);
+      mma::warp_gemm_abt<T, kMT, kN, kD>(s, qf, keys(stage), kLd, lane);
     } else {
-      mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, keys(stage), kLd, lane);
+      mma::warp_gemm_abt<T, kMT, kN, kD>(s, sQw, kLd, keys(stage), kLd, lane);
     }
 
     const bool clear = tile_is_clear(p, i0, kM, j0, kN);
 #pragma unroll
-    for (int n = 0; n < kN / 8; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float th;
-        const float y = scaled_score(p, s[n][e], th);
-        s[n][e] = clear ? y : masked_score(p, y, b, h, row0 + (e >> 1) * 8, j0 + n * 8 + 2 * t + (e & 1));
-      }
-    }
-    // Online softmax, one row per half of the C fragment; the 4 lanes of a quad share a row.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -kInf;
-#pragma unroll
-      for (int n = 0; n < kN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float m_use = m_new == -kInf ? 0.f : m_new;  // nothing visible yet: keep zeros
-      const float alpha = exp2f((m[r] - m_use) * kLog2e);
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < kN / 8; ++n) {
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[n][e] = exp2f((s[n][e] - m_use) * kLog2e);
-          sum += s[n][e];
-        }
-      }
-      l[r] = l[r] * alpha + sum;  // per-lane partial sum; the quad is summed at the end
-      m[r] = m_new;
-#pragma unroll
-      for (int n = 0; n < kD / 8; ++n) {
-        acc[n][2 * r] *= alpha;
-        acc[n][2 * r + 1] *= alpha;
-      }
-    }
-    if (p.dropout_p > 0.f) {  // the denominator above counts dropped entries too
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int n = 0; n < kN / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int64_t i = row0 + (e >> 1) * 8, j = j0 + n * 8 + 2 * t + (e & 1);
-          s[n][e] = (i < p.Sq && j < p.Sk && dropout_keep(p, seed, b, h, i, j)) ? s[n][e] * p.keep_scale : 0.f;
+          float th;
+          const float y = scaled_score(p, s[mt][n][e], th);
+          s[mt][n][e] = clear ? y
+                              : masked_score(p, y, b, h, row0 + mt * 16 + (e >> 1) * 8, j0 + n * 8 + 2 * t + (e & 1));
         }
       }
     }
-    mma::warp_gemm_pb<T, kD, kN>(acc, s, values(stage), kLd, lane);
+    // Online softmax, one row per half of each C fragment; the 4 lanes of a quad share a row.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -kInf;
+#pragma unroll
+        for (int n = 0; n < kN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * r], s[mt][n][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xFFFFFFFFu, mx, 2));
+        const float m_new = fmaxf(m[mt][r], mx);
+        const float m_use = m_new == -kInf ? 0.f : m_new;  // nothing visible yet: keep zeros
+        const float alpha = exp2f((m[mt][r] - m_use) * kLog2e);
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            s[mt][n][e] = exp2f((s[mt][n][e] - m_use) * kLog2e);
+            sum += s[mt][n][e];
+          }
+        }
+        l[mt][r] = l[mt][r] * alpha + sum;  // per-lane partial sum; the quad is summed at the end
+        m[mt][r] = m_new;
+#pragma unroll
+        for (int n = 0; n < kD / 8; ++n) {
+          acc[mt][n][2 * r] *= alpha;
+          acc[mt][n][2 * r + 1] *= alpha;
+        }
+      }
+    }
+    if (p.dropout_p > 0.f) {  // the denominator above counts dropped entries too
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int64_t i = row0 + mt * 16 + (e >> 1) * 8, j = j0 + n * 8 + 2 * t + (e & 1);
+            const bool keep = i < p.Sq && j < p.Sk && dropout_keep(p, seed, b, h, i, j);
+            s[mt][n][e] = keep ? s[mt][n][e] * p.keep_scale : 0.f;
+          }
+        }
+      }
+    }
+    mma::warp_gemm_pb<T, kMT, kD, kN>(acc, s, values(stage), kLd, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   device::async_wait<0>();  // (no key tile: the Q copy may still be in flight)
 
   T* out = static_cast<T*>(p.out) + bh * p.Sq * p.Dv;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
-    sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
-    const int64_t i = row0 + r * 8;
-    if (i < p.Sq) {
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-      for (int n = 0; n < kD / 8; ++n) {
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[mt][r];
+      sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 1);
+      sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
+      const int64_t i = row0 + mt * 16 + r * 8;
+      if (i < p.Sq) {
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n * 8 + 2 * t + e;
-          if (col < p.Dv) out[i * p.Dv + col] = mma::Element<T>::from_float(acc[n][2 * r + e] * inv);
+        for (int n = 0; n < kD / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = n * 8 + 2 * t + e;
+            if (col < p.Dv) out[i * p.Dv + col] = mma::Element<T>::from_float(acc[mt][n][2 * r + e] * inv);
+          }
         }
+        if (t == 0) p.lse[bh * p.Sq + i] = sum > 0.f ? m[mt][r] + logf(sum) : -kInf;
       }
-      if (t == 0) p.lse[bh * p.Sq + i] = sum > 0.f ? m[r] + logf(sum) : -kInf;
     }
   }
 }
@@ -469,9 +511,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
     lse[r] = lse_for_backward(p, bh, i);
     delta[r] = i < p.Sq ? p.delta[bh * p.Sq + i] : 0.f;
   }
-  float acc[kD / 8][4];
+  float acc[1][kD / 8][4];
 #pragma unroll
-  for (int n = 0; n < kD / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int n = 0; n < kD / 8; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.f;
 
   int it = 0;
   for (int64_t j0 = j_first; j0 < jhi; j0 += kN, ++it) {
@@ -489,14 +531,14 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
     }
     __syncthreads();
 
-    float s[kN / 8][4], dp[kN / 8][4];
+    float s[1][kN / 8][4], dp[1][kN / 8][4];
 #pragma unroll
     for (int n = 0; n < kN / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) s[0][n][e] = dp[0][n][e] = 0.f;
     }
-    mma::warp_gemm_abt<T, kN, kD>(s, sQ + warp * 16 * kLd, kLd, keys(stage), kLd, lane);
-    mma::warp_gemm_abt<T, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, values(stage), kLd, lane);
+    mma::warp_gemm_abt<T, 1, kN, kD>(s, sQ + warp * 16 * kLd, kLd, keys(stage), kLd, lane);
+    mma::warp_gemm_abt<T, 1, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, values(stage), kLd, lane);
 
     const bool clear = tile_is_clear(p, i0, kM, j0, kN);
 #pragma unroll
@@ -506,12 +548,12 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
         const int r = e >> 1;
         const int64_t i = row0 + r * 8, j = j0 + n * 8 + 2 * t + (e & 1);
         float pd, dsr;
-        const float ds = score_grad(p, seed, clear, s[n][e], dp[n][e], lse[r], delta[r], b, h, i, j, pd, dsr);
+        const float ds = score_grad(p, seed, clear, s[0][n][e], dp[0][n][e], lse[r], delta[r], b, h, i, j, pd, dsr);
         if (p.dmask != nullptr && i < p.Sq && j < p.Sk) p.dmask[(bh * p.Sq + i) * p.Sk + j] = ds;
-        s[n][e] = dsr;
+        s[0][n][e] = dsr;
       }
     }
-    mma::warp_gemm_pb<T, kD, kN>(acc, s, keys(stage), kLd, lane);  // dQ += dS K
+    mma::warp_gemm_pb<T, 1, kD, kN>(acc, s, keys(stage), kLd, lane);  // dQ += dS K
     __syncthreads();
   }
   device::async_wait<0>();
@@ -526,7 +568,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = n * 8 + 2 * t + e;
-          if (col < p.D) dq[i * p.D + col] = mma::Element<T>::from_float(acc[n][2 * r + e]);
+          if (col < p.D) dq[i * p.D + col] = mma::Element<T>::from_float(acc[0][n][2 * r + e]);
         }
       }
     }
@@ -534,13 +576,13 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 }
 
 // --- backward: fused dQ, one step of the dK/dV kernel -------------------------------------------
-// ds[n] holds this warp's rows of dS^T (16 keys x kQ queries, C fragments, already times
+// ds[0][n] holds this warp's rows of dS^T (16 keys x kQ queries, C fragments, already times
 // d score / d raw). The block's dS^T goes to shared memory; then warp w multiplies the queries
 // 16 (w % kQB) .. + 15 of the tile (A = dS, read transposed) by the block's keys (B = K) for
 // the head-dim columns of its part (w / kQB, when there are more warps than 16-query blocks)
 // and adds the result into dq_accum. Calls __syncthreads (uniformly: a block-wide condition).
 template <typename T, int kD, int kKeys, int kQ>
-LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[kQ / 8][4], T* sdS, const T* sK,
+LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[1][kQ / 8][4], T* sdS, const T* sK,
                                   int64_t bh, int64_t i0, int warp, int lane) {
   constexpr int kLdS = Tiles<T, kD>::kLdS, kLd = Tiles<T, kD>::kLd;
   constexpr int kWarps = kKeys / 16, kQB = kQ / 16, kParts = kWarps / kQB;
@@ -551,7 +593,7 @@ LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[kQ / 8][4],
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * r) * kLdS + n * 8 + 2 * t) =
-          mma::Element<T>::pack(ds[n][2 * r], ds[n][2 * r + 1]);
+          mma::Element<T>::pack(ds[0][n][2 * r], ds[0][n][2 * r + 1]);
     }
   }
   __syncthreads();
@@ -619,9 +661,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
   int64_t ilo, ihi;
   band_queries(p, j0, j0 + nkeys, ilo, ihi);
   const int64_t i_first = (ilo / kQ) * kQ;
-  const int tiles = ihi > i_first ? static_cast<int>((ihi - i_first + kQ - 1) / kQ) : 0;
-  const int steps = tiles * p.G;
-  auto load_step = [&](int step, int stage) {  // Q and dO by cp.async; lse and delta stored
+  const int64_t tiles = ihi > i_first ? (ihi - i_first + kQ - 1) / kQ : 0;
+  const int64_t steps = tiles * p.G;
+  auto load_step = [&](int64_t step, int stage) {  // Q and dO by cp.async; lse and delta stored
     const int64_t h = hk * p.G + step / tiles, bh = b * p.Hq + h;
     const int64_t i0 = i_first + static_cast<int64_t>(step % tiles) * kQ;
     const int rows = static_cast<int>(p.Sq - i0 < kQ ? p.Sq - i0 : kQ);
@@ -637,15 +679,15 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
   if (kStages == 2 && steps > 0) load_step(0, 0);
   device::async_commit();
 
-  float dk[kD / 8][4], dv[kD / 8][4];
+  float dk[1][kD / 8][4], dv[1][kD / 8][4];
 #pragma unroll
   for (int n = 0; n < kD / 8; ++n) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) dk[0][n][e] = dv[0][n][e] = 0.f;
   }
   const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
-  for (int step = 0; step < steps; ++step) {
-    const int stage = kStages == 2 ? (step & 1) : 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    const int stage = kStages == 2 ? static_cast<int>(step & 1) : 0;
     if (kStages == 1) {
       load_step(step, 0);
       device::async_commit();
@@ -666,14 +708,14 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
     const float* sDelta = deltas(stage);
 
     // Transposed scores: rows are this warp's 16 keys, columns the tile's queries.
-    float s[kQ / 8][4], dp[kQ / 8][4];
+    float s[1][kQ / 8][4], dp[1][kQ / 8][4];
 #pragma unroll
     for (int n = 0; n < kQ / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) s[0][n][e] = dp[0][n][e] = 0.f;
     }
-    mma::warp_gemm_abt<T, kQ, kD>(s, sK + warp * 16 * kLd, kLd, sQ, kLd, lane);
-    mma::warp_gemm_abt<T, kQ, kD>(dp, sV + warp * 16 * kLd, kLd, sdO, kLd, lane);
+    mma::warp_gemm_abt<T, 1, kQ, kD>(s, sK + warp * 16 * kLd, kLd, sQ, kLd, lane);
+    mma::warp_gemm_abt<T, 1, kQ, kD>(dp, sV + warp * 16 * kLd, kLd, sdO, kLd, lane);
 
     const bool clear = tile_is_clear(p, i0, kQ, j0, kKeys);
 #pragma unroll
@@ -683,13 +725,13 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
         const int c = n * 8 + 2 * t + (e & 1);
         const int64_t j = key0 + (e >> 1) * 8, i = i0 + c;
         float pd, dsr;
-        score_grad(p, seed, clear, s[n][e], dp[n][e], sLse[c], sDelta[c], b, h, i, j, pd, dsr);
-        s[n][e] = pd;
-        dp[n][e] = dsr;
+        score_grad(p, seed, clear, s[0][n][e], dp[0][n][e], sLse[c], sDelta[c], b, h, i, j, pd, dsr);
+        s[0][n][e] = pd;
+        dp[0][n][e] = dsr;
       }
     }
-    mma::warp_gemm_pb<T, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
-    mma::warp_gemm_pb<T, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
+    mma::warp_gemm_pb<T, 1, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
+    mma::warp_gemm_pb<T, 1, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
     if constexpr (Cfg::kFusedDq) {
       if (p.dq_accum != nullptr) {
         fused_dq_step<T, kD, kKeys, kQ>(p, dp, sdS, sK, b * p.Hq + h, i0, warp, lane);
@@ -710,8 +752,8 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = n * 8 + 2 * t + e;
-          if (col < p.D) dkp[j * p.D + col] = mma::Element<T>::from_float(dk[n][2 * r + e]);
-          if (col < p.Dv) dvp[j * p.Dv + col] = mma::Element<T>::from_float(dv[n][2 * r + e]);
+          if (col < p.D) dkp[j * p.D + col] = mma::Element<T>::from_float(dk[0][n][2 * r + e]);
+          if (col < p.Dv) dvp[j * p.Dv + col] = mma::Element<T>::from_float(dv[0][n][2 * r + e]);
         }
       }
     }

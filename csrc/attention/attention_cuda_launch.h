@@ -81,6 +81,20 @@ inline int mask_kind(const at::Tensor& m) {
   }
 }
 
+// A kernel's shared memory must fit the GPU's per-block limit (sm_86/89 allow 99 KB, less than
+// the large-head-dim tiles of sm_80 and sm_90 use).
+inline void check_shared_bytes(const char* op, int bytes, int64_t head_dim, at::ScalarType dtype) {
+#ifndef LLMFAST_SIMT_EMULATION
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  LLMFAST_CHECK(static_cast<size_t>(bytes) <= prop->sharedMemPerBlockOptin, op,
+                "the CUDA kernels for head dim ", head_dim, " in ", dtype, " need ", bytes,
+                " bytes of shared memory per block and this GPU (", prop->name, ") allows ",
+                prop->sharedMemPerBlockOptin, "; use the triton backend for it");
+#else
+  (void)op, (void)bytes, (void)head_dim, (void)dtype;
+#endif
+}
+
 // Checks what only these kernels need, and fills the kernel arguments shared by forward and
 // backward. q, k, v are the (row-contiguous) tensors the kernels read.
 inline Params make_params(const char* op, const Problem& pr, const at::Tensor& q,
@@ -154,8 +168,9 @@ inline std::tuple<at::Tensor, at::Tensor> attention_fwd_kernels(
     constexpr int kD = decltype(dim)::value;
     using Cfg = Tiles<T, kD>;
     auto kernel = &attention_fwd_kernel<T, kD>;
+    check_shared_bytes(op, Cfg::fwd_shared_bytes(), std::max(pr.D, pr.Dv), query.scalar_type());
     device::allow_shared_bytes(kernel, Cfg::fwd_shared_bytes());
-    const dim3 grid(static_cast<unsigned>((pr.Sq + Cfg::kM - 1) / Cfg::kM),
+    const dim3 grid(static_cast<unsigned>((pr.Sq + Cfg::kFwdM - 1) / Cfg::kFwdM),
                     static_cast<unsigned>(pr.Hq), static_cast<unsigned>(pr.B));
     LLMFAST_LAUNCH(kernel, grid, dim3(Cfg::kM * 2), Cfg::fwd_shared_bytes(), p);
     device::check_launch();
@@ -190,7 +205,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_
                                : at::empty({0}, query.options());
     return {grad_query, grad_key, grad_value, gm};
   };
-  if (pr.B * pr.Hq == 0 || pr.Sq == 0 || pr.Sk == 0 || pr.D == 0) {
+  if (pr.B * pr.Hq == 0 || pr.Sq == 0 || pr.Sk == 0) {
     grad_query.zero_();
     grad_key.zero_();
     grad_value.zero_();
@@ -228,6 +243,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_
     constexpr int kD = decltype(dim)::value;
     using Cfg = Tiles<T, kD>;
     const int64_t rows = pr.B * pr.Hq * pr.Sq;
+    LLMFAST_CHECK((rows + 7) / 8 <= std::numeric_limits<int>::max(), op, "B * Hq * Sq must be under 2^34, got ",
+                  rows);
+    const int64_t head_dim = std::max(pr.D, pr.Dv);
+    check_shared_bytes(op, Cfg::dkdv_shared_bytes(), head_dim, query.scalar_type());
+    check_shared_bytes(op, Cfg::dq_shared_bytes(), head_dim, query.scalar_type());
     auto delta_kernel = &attention_delta_kernel<T>;
     LLMFAST_LAUNCH(delta_kernel, dim3(static_cast<unsigned>((rows + 7) / 8)), dim3(256), 0, p);
     device::check_launch();

@@ -24,7 +24,7 @@ LLMFAST_DEVICE void copy_async_16(void* dst_shared, const void* src_global) {
   std::memcpy(dst_shared, src_global, 16);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst_shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global) : "memory");
 #else
   *static_cast<uint4*>(dst_shared) = *static_cast<const uint4*>(src_global);
 #endif
@@ -32,14 +32,14 @@ LLMFAST_DEVICE void copy_async_16(void* dst_shared, const void* src_global) {
 
 LLMFAST_DEVICE void async_commit() {
 #if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 template <int N>
 LLMFAST_DEVICE void async_wait() {
 #if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

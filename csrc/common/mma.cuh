@@ -303,25 +303,6 @@ LLMFAST_DEVICE void load_a_tile(FragA<T>& a, const T* s, int ld, int lane) {
   }
 }
 
-// c (16 x kN) += a B^T for one k-step, a given, B^T (kN x 16) row-major at b (ld ldb).
-template <typename T, int kN>
-LLMFAST_DEVICE void warp_step_abt(float (&c)[kN / 8][4], const FragA<T>& a, const T* b, int ldb,
-                                  int lane) {
-  static_assert(kN % 16 == 0, "n-tiles are loaded in pairs");
-#pragma unroll
-  for (int nt = 0; nt < kN / 8; nt += 2) {
-    FragB<T> b0, b1;
-    if constexpr (kTensorCore<T>) {
-      ldmatrix_b_nk(b0, b1, b + nt * 8 * ldb, ldb, lane);
-    } else {
-      load_b_nk(b0, b + nt * 8 * ldb, ldb, lane);
-      load_b_nk(b1, b + (nt + 1) * 8 * ldb, ldb, lane);
-    }
-    mma_16x8x16(c[nt], a, b0, lane);
-    mma_16x8x16(c[nt + 1], a, b1, lane);
-  }
-}
-
 // Runs step(kk) for kk < kSteps: fully unrolled for the tensor-core types (their fragments must
 // stay in registers), as a loop for fp32, whose shuffle products would otherwise unroll into a
 // huge kernel (compile time) for no speed that matters on that path.
@@ -336,34 +317,69 @@ LLMFAST_DEVICE void for_each_k_step(Step&& step) {
   }
 }
 
-// One warp: c (16 x kN) += A B^T, A (16 x kK) row-major at a (ld lda), B (kN x kK) row-major at
-// b (ld ldb); c[n / 8] is the C fragment of columns n .. n + 7.
-template <typename T, int kN, int kK>
-LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kN / 8][4], const T* a, int lda, const T* b, int ldb,
-                                  int lane) {
+// The warp-level products. A warp owns kMT row tiles of 16 (kMT = 1 or 2): with two, every B
+// fragment read from shared memory feeds twice as many mma instructions, which keeps the
+// tensor cores rather than shared memory the limit. c[mt][n / 8] is the C fragment of rows
+// 16 mt .. 16 mt + 15 and columns n .. n + 7.
+
+// c (16 kMT x kN) += a B^T for one k-step: a[mt] given, B^T (kN x 16) row-major at b (ld ldb).
+template <typename T, int kMT, int kN>
+LLMFAST_DEVICE void warp_step_abt(float (&c)[kMT][kN / 8][4], const FragA<T> (&a)[kMT], const T* b,
+                                  int ldb, int lane) {
+  static_assert(kN % 16 == 0, "n-tiles are loaded in pairs");
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; nt += 2) {
+    FragB<T> b0, b1;
+    if constexpr (kTensorCore<T>) {
+      ldmatrix_b_nk(b0, b1, b + nt * 8 * ldb, ldb, lane);
+    } else {
+      load_b_nk(b0, b + nt * 8 * ldb, ldb, lane);
+      load_b_nk(b1, b + (nt + 1) * 8 * ldb, ldb, lane);
+    }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      mma_16x8x16(c[mt][nt], a[mt], b0, lane);
+      mma_16x8x16(c[mt][nt + 1], a[mt], b1, lane);
+    }
+  }
+}
+
+// c (16 kMT x kN) += A B^T, A (16 kMT x kK) row-major at a (ld lda), B (kN x kK) row-major at b
+// (ld ldb).
+template <typename T, int kMT, int kN, int kK>
+LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kMT][kN / 8][4], const T* a, int lda, const T* b,
+                                  int ldb, int lane) {
   for_each_k_step<T, kK / 16>([&](int kk) {
-    FragA<T> fa;
-    load_a_tile(fa, a + kk * 16, lda, lane);
-    warp_step_abt<T, kN>(c, fa, b + kk * 16, ldb, lane);
+    FragA<T> fa[kMT];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) load_a_tile(fa[mt], a + mt * 16 * lda + kk * 16, lda, lane);
+    warp_step_abt<T, kMT, kN>(c, fa, b + kk * 16, ldb, lane);
   });
 }
 
-// The same with A already in registers: a[kk] is the fragment of columns 16kk .. 16kk + 15.
-template <typename T, int kN, int kK>
-LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kN / 8][4], const FragA<T> (&a)[kK / 16], const T* b,
-                                  int ldb, int lane) {
-  for_each_k_step<T, kK / 16>([&](int kk) { warp_step_abt<T, kN>(c, a[kk], b + kk * 16, ldb, lane); });
+// The same with A already in registers: a[mt][kk] is the fragment of row tile mt, columns
+// 16 kk .. 16 kk + 15.
+template <typename T, int kMT, int kN, int kK>
+LLMFAST_DEVICE void warp_gemm_abt(float (&c)[kMT][kN / 8][4], const FragA<T> (&a)[kMT][kK / 16],
+                                  const T* b, int ldb, int lane) {
+  for_each_k_step<T, kK / 16>([&](int kk) {
+    FragA<T> fa[kMT];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) fa[mt] = a[mt][kk];
+    warp_step_abt<T, kMT, kN>(c, fa, b + kk * 16, ldb, lane);
+  });
 }
 
-// One warp: c (16 x kN) += P B, P (16 x kK) held as C fragments p[k / 8] (rounded to T), B
+// c (16 kMT x kN) += P B, P (16 kMT x kK) held as C fragments p[mt][k / 8] (rounded to T), B
 // (kK x kN) row-major at b (ld ldb).
-template <typename T, int kN, int kK>
-LLMFAST_DEVICE void warp_gemm_pb(float (&c)[kN / 8][4], const float (&p)[kK / 8][4], const T* b,
-                                 int ldb, int lane) {
+template <typename T, int kMT, int kN, int kK>
+LLMFAST_DEVICE void warp_gemm_pb(float (&c)[kMT][kN / 8][4], const float (&p)[kMT][kK / 8][4],
+                                 const T* b, int ldb, int lane) {
   static_assert(kN % 16 == 0, "n-tiles are loaded in pairs");
   for_each_k_step<T, kK / 16>([&](int kk) {
-    FragA<T> fa;
-    a_from_c(fa, p[2 * kk], p[2 * kk + 1]);
+    FragA<T> fa[kMT];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) a_from_c(fa[mt], p[mt][2 * kk], p[mt][2 * kk + 1]);
     const T* bk = b + kk * 16 * ldb;
 #pragma unroll
     for (int nt = 0; nt < kN / 8; nt += 2) {
@@ -374,8 +390,11 @@ LLMFAST_DEVICE void warp_gemm_pb(float (&c)[kN / 8][4], const float (&p)[kK / 8]
         load_b_kn(b0, bk + nt * 8, ldb, lane);
         load_b_kn(b1, bk + (nt + 1) * 8, ldb, lane);
       }
-      mma_16x8x16(c[nt], fa, b0, lane);
-      mma_16x8x16(c[nt + 1], fa, b1, lane);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16x8x16(c[mt][nt], fa[mt], b0, lane);
+        mma_16x8x16(c[mt][nt + 1], fa[mt], b1, lane);
+      }
     }
   });
 }
