@@ -27,16 +27,22 @@
 //                                                 cluster; a block's shared memory is refilled
 //                                                 with 0xFF when it exits, so a peer that reads
 //                                                 it afterwards (a missing exit barrier) sees NaN
+//   guarded memory (guarded_alloc)               a buffer next to an inaccessible page: a
+//                                                 kernel access past its end (or before its
+//                                                 start) faults, and the launch raises it
 // Errors inside a kernel (a shuffle from a lane outside the warp, a deadlock, a map to a block
-// outside the cluster) are raised as std::runtime_error from the launch.
+// outside the cluster, an access to a guard page) are raised as std::runtime_error from the
+// launch.
 // Not emulated: timing, memory ordering between blocks, asynchronous copies (done at once).
 #pragma once
 #ifndef LLMFAST_SIMT_EMULATION
 #error "simt_emulator.h is for LLMFAST_SIMT_EMULATION builds only"
 #endif
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -312,6 +318,112 @@ inline std::vector<LaunchRecord> take_launch_log() {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Guarded memory: buffers whose end (or start) touches a PROT_NONE page, so that a kernel access
+// outside them faults. What a GPU tolerates does not: its allocations (and PyTorch's blocks in
+// them) start at least 256-byte aligned and are mapped in whole pages, so an aligned 16-byte
+// load that holds one byte of a tensor stays in mapped memory (the kernels load whole 16-byte
+// slots across a row's ends). guarded_alloc therefore puts the guard at the buffer's end rounded
+// up to 16 bytes (or its start rounded down): an access faults exactly when it touches none of
+// the buffer's 16-byte chunks, e.g. a slot loaded past a row's last one. The bytes between the
+// buffer and its guard are 0xFF (NaN), so a kernel that uses them instead of masking them fails
+// its results too.
+//
+// While a launch runs, a SIGSEGV handler catches a fault in a guard page: it records it and opens
+// the page, so that the access completes; the scheduler then raises it as the kernel's error
+// (and closes the page again). Any other fault goes to the handler that was installed before.
+// ---------------------------------------------------------------------------------------------
+struct Guard {
+  unsigned char* map = nullptr;  // the whole mapping (data pages and the guard page)
+  size_t map_bytes = 0;
+  unsigned char* page = nullptr;  // the guard page
+  const unsigned char* data = nullptr;  // the buffer
+  size_t bytes = 0;
+};
+constexpr int kMaxGuards = 64;
+// Fixed storage: the signal handler reads it.
+inline Guard guards[kMaxGuards];
+inline volatile sig_atomic_t guard_fault = 0;  // set by the handler
+inline const void* volatile guard_fault_addr = nullptr;
+inline volatile int guard_fault_index = -1;
+inline struct sigaction guard_previous_action;
+
+inline size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+// A buffer of `bytes` bytes that ends at a guard page (after_guard false; the buffer then starts
+// 16-byte aligned) or starts `lead` bytes (< 16) after one (after_guard true). Freed by
+// guarded_free.
+inline void* guarded_alloc(size_t bytes, bool after_guard, size_t lead = 0) {
+  if (lead >= 16 || (!after_guard && lead != 0)) {
+    throw std::invalid_argument("llmfast simt emulator: guarded_alloc's lead is in [0, 16), after a guard only");
+  }
+  int slot = 0;
+  while (slot < kMaxGuards && guards[slot].map != nullptr) ++slot;
+  if (slot == kMaxGuards) throw std::runtime_error("llmfast simt emulator: too many guarded buffers");
+  const size_t page = page_bytes();
+  const size_t span = (lead + bytes + 15) / 16 * 16;  // the 16-byte chunks the buffer touches
+  const size_t data_pages = (span + page - 1) / page * page;
+  void* m = mmap(nullptr, data_pages + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) throw std::runtime_error("llmfast simt emulator: cannot map a guarded buffer");
+  Guard& g = guards[slot];
+  g.map = static_cast<unsigned char*>(m);
+  g.map_bytes = data_pages + page;
+  g.page = after_guard ? g.map : g.map + data_pages;
+  const unsigned char* chunks = after_guard ? g.map + page : g.page - span;
+  std::memset(const_cast<unsigned char*>(chunks), 0xFF, span);
+  g.data = chunks + lead;
+  g.bytes = bytes;
+  mprotect(g.page, page, PROT_NONE);
+  return const_cast<unsigned char*>(g.data);
+}
+
+inline void guarded_free(void* data) {
+  for (Guard& g : guards) {
+    if (g.map != nullptr && g.data == data) {
+      munmap(g.map, g.map_bytes);
+      g = Guard{};
+      return;
+    }
+  }
+}
+
+inline bool any_guards() {
+  for (const Guard& g : guards) {
+    if (g.map != nullptr) return true;
+  }
+  return false;
+}
+
+inline void guard_handler(int, siginfo_t* info, void*) {
+  const size_t page = page_bytes();
+  auto* addr = static_cast<unsigned char*>(info->si_addr);
+  for (int i = 0; i < kMaxGuards; ++i) {
+    const Guard& g = guards[i];
+    if (g.map != nullptr && addr >= g.page && addr < g.page + page) {
+      if (!guard_fault) {
+        guard_fault_addr = addr;
+        guard_fault_index = i;
+        guard_fault = 1;
+      }
+      mprotect(g.page, page, PROT_READ | PROT_WRITE);  // the access completes on return
+      return;
+    }
+  }
+  // Not ours: the previous handler gets the fault when the access runs again.
+  sigaction(SIGSEGV, &guard_previous_action, nullptr);
+}
+
+// The recorded fault as a message; closes the guard page again.
+inline std::string take_guard_fault() {
+  const Guard& g = guards[guard_fault_index];
+  const auto* addr = static_cast<const unsigned char*>(guard_fault_addr);
+  const long long offset = static_cast<long long>(addr - g.data);
+  mprotect(g.page, page_bytes(), PROT_NONE);
+  guard_fault = 0;
+  return "llmfast simt emulator: out-of-bounds access at byte " + std::to_string(offset) +
+         " of a guarded buffer of " + std::to_string(g.bytes) + " bytes";
+}
+
 inline void fiber_entry() {
   Runtime& rt = *runtime();
   const int me = rt.current;
@@ -354,7 +466,17 @@ inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, unsigned clus
   rt.stacks = static_cast<unsigned char*>(stacks);
   Runtime* saved = runtime();
   runtime() = &rt;
+  // Guard-page faults are caught while the kernel runs (see guarded_alloc).
+  const bool guarded = any_guards();
+  if (guarded) {
+    struct sigaction action = {};
+    action.sa_sigaction = guard_handler;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &guard_previous_action);
+  }
   auto finish = [&] {
+    if (guarded) sigaction(SIGSEGV, &guard_previous_action, nullptr);
     runtime() = saved;
     munmap(rt.stacks, rt.stacks_bytes);
   };
@@ -398,6 +520,7 @@ inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, unsigned clus
             threadIdx = dim3(t % block_dim.x, (t / block_dim.x) % block_dim.y,
                              t / (block_dim.x * block_dim.y));
             swapcontext(&rt.scheduler, &rt.ctx[i]);
+            if (guard_fault) rt.error = take_guard_fault();
             if (!rt.error.empty()) {
               const std::string what = rt.error + " (block " + std::to_string(b.idx.x) + "," +
                                        std::to_string(b.idx.y) + "," + std::to_string(b.idx.z) +
