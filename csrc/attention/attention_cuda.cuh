@@ -103,7 +103,8 @@ struct Tiles {
   static constexpr int kFwdMT = sizeof(T) == 2 && kD <= 64 ? 2 : 1;
   static constexpr int kFwdM = kM * kFwdMT;
   static constexpr int kKeys = kWide ? 32 : 64;     // keys per block (dK/dV)
-  static constexpr int kQueries = kBig ? 32 : 64;   // queries per tile (dK/dV)
+  // queries per tile (dK/dV); 32 from head dim 128 on, where dK and dV take half the registers
+  static constexpr int kQueries = kD >= 128 ? 32 : 64;
   static constexpr int kStages = sizeof(T) == 2 ? 2 : 1;
   static constexpr int kLd = padded_ld<T>(kD);
   // The forward keeps its warp's Q fragments in registers where they fit beside O.
@@ -122,6 +123,20 @@ struct Tiles {
 template <typename T>
 LLMFAST_DEVICE T zero_element() {
   return mma::Element<T>::from_float(0.f);
+}
+
+// Stores the pair (a, b) of a C fragment at columns col, col + 1 (col even) of a row with
+// ncols columns: one 32-bit store for 16-bit types when the row length keeps it aligned.
+template <typename T>
+LLMFAST_DEVICE void store_pair(T* row, int col, int ncols, float a, float b) {
+  if constexpr (sizeof(T) == 2) {
+    if ((ncols & 1) == 0 && col + 1 < ncols) {
+      *reinterpret_cast<uint32_t*>(row + col) = mma::Element<T>::pack(a, b);
+      return;
+    }
+  }
+  if (col < ncols) row[col] = mma::Element<T>::from_float(a);
+  if (col + 1 < ncols) row[col + 1] = mma::Element<T>::from_float(b);
 }
 
 // Starts copying rows [0, kRows) x columns [0, kD) of a (rows, row_stride) matrix at g into
@@ -396,11 +411,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
         const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
         for (int n = 0; n < kD / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int col = n * 8 + 2 * t + e;
-            if (col < p.Dv) out[i * p.Dv + col] = mma::Element<T>::from_float(acc[mt][n][2 * r + e] * inv);
-          }
+          store_pair(out + i * p.Dv, n * 8 + 2 * t, p.Dv, acc[mt][n][2 * r] * inv, acc[mt][n][2 * r + 1] * inv);
         }
         if (t == 0) p.lse[bh * p.Sq + i] = sum > 0.f ? m[mt][r] + logf(sum) : -kInf;
       }
@@ -565,11 +576,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
     if (i < p.Sq) {
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n * 8 + 2 * t + e;
-          if (col < p.D) dq[i * p.D + col] = mma::Element<T>::from_float(acc[0][n][2 * r + e]);
-        }
+        store_pair(dq + i * p.D, n * 8 + 2 * t, p.D, acc[0][n][2 * r], acc[0][n][2 * r + 1]);
       }
     }
   }
@@ -749,12 +756,8 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
     if (j < p.Sk) {
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n * 8 + 2 * t + e;
-          if (col < p.D) dkp[j * p.D + col] = mma::Element<T>::from_float(dk[0][n][2 * r + e]);
-          if (col < p.Dv) dvp[j * p.Dv + col] = mma::Element<T>::from_float(dv[0][n][2 * r + e]);
-        }
+        store_pair(dkp + j * p.D, n * 8 + 2 * t, p.D, dk[0][n][2 * r], dk[0][n][2 * r + 1]);
+        store_pair(dvp + j * p.Dv, n * 8 + 2 * t, p.Dv, dv[0][n][2 * r], dv[0][n][2 * r + 1]);
       }
     }
   }
