@@ -162,6 +162,48 @@ LLMFAST_DEVICE void load_tile(T* s, int ld, const T* g, int64_t row_stride, int 
   }
 }
 
+// The key/value tiles of the forward and dQ kernels in shared memory: kStages stages, each the
+// kN keys then their kN values, rows of kLd elements.
+template <typename T, int kN, int kD, int kThreads>
+struct KeyValueTiles {
+  static constexpr int kLd = padded_ld<T>(kD);
+  T* base;
+  LLMFAST_DEVICE T* keys(int stage) const { return base + stage * 2 * kN * kLd; }
+  LLMFAST_DEVICE T* values(int stage) const { return base + (stage * 2 + 1) * kN * kLd; }
+  // Starts loading keys and values j0 .. j0 + kN - 1 of one (batch, kv head): k and v point at
+  // its first key and value.
+  LLMFAST_DEVICE void load(const Params& p, const T* k, const T* v, int64_t j0, int stage) const {
+    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
+    load_tile<T, kN, kD, kThreads>(keys(stage), kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
+    load_tile<T, kN, kD, kThreads>(values(stage), kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv,
+                                   p.v_vec);
+  }
+};
+
+// Step `step` of a streaming loop of `steps` (the tiles every kernel loops over): with two
+// stages, starts loading step + 1 into the other stage (load(step + 1, stage)) and waits for
+// this step's copies, step 0 having been loaded before the loop; with one stage, loads this
+// step and waits. Ends with a barrier, after which the step's tile is ready for every warp;
+// returns the stage that holds it. The loop body must end with a barrier too (the stage is
+// refilled next).
+template <int kStages, typename Load>
+LLMFAST_DEVICE int begin_step(int64_t step, int64_t steps, Load&& load) {
+  const int stage = kStages == 2 ? static_cast<int>(step & 1) : 0;
+  if (kStages == 1) {
+    load(step, 0);
+    device::async_commit();
+    device::async_wait<0>();
+  } else if (step + 1 < steps) {
+    load(step + 1, stage ^ 1);
+    device::async_commit();
+    device::async_wait<1>();
+  } else {
+    device::async_wait<0>();
+  }
+  __syncthreads();
+  return stage;
+}
+
 // tanh to a few ulp. Not tanhf: the extension is built with --use_fast_math, which turns
 // tanhf into tanh.approx.f32 (about 2^-11 relative error: a visible error in softcapped logits
 // and in 1 - tanh^2); expm1f has no fast-math substitute.
@@ -256,9 +298,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   constexpr int kThreads = Cfg::kM * 2, kStages = Cfg::kStages;
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sKV = sQ + kM * kLd;  // stage s: keys at sKV + 2 s kN kLd, values kN kLd further
-  auto keys = [&](int stage) { return sKV + stage * 2 * kN * kLd; };
-  auto values = [&](int stage) { return sKV + (stage * 2 + 1) * kN * kLd; };
+  const KeyValueTiles<T, kN, kD, kThreads> kv{sQ + kM * kLd};
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, h = blockIdx.y, bh = b * p.Hq + h, hk = h / p.G;
@@ -270,18 +310,14 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  auto load_kv = [&](int64_t j0, int stage) {
-    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
-    load_tile<T, kN, kD, kThreads>(keys(stage), kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
-    load_tile<T, kN, kD, kThreads>(values(stage), kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv,
-                                   p.v_vec);
-  };
 
   int64_t jlo, jhi;
   band_keys(p, i0, i0 + rows, jlo, jhi);
   const int64_t j_first = (jlo / kN) * kN;
+  const int64_t steps = jhi > j_first ? (jhi - j_first + kN - 1) / kN : 0;
+  auto load_step = [&](int64_t step, int stage) { kv.load(p, k, v, j_first + step * kN, stage); };
   load_tile<T, kM, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
-  if (kStages == 2 && j_first < jhi) load_kv(j_first, 0);
+  if (kStages == 2 && steps > 0) load_step(0, 0);
   device::async_commit();
 
   // Row statistics and O for this thread's rows: row tile mt, half r (the C fragment's rows g
@@ -299,21 +335,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   const T* sQw = sQ + warp * 16 * kMT * kLd;        // this warp's query rows
   const int64_t row0 = i0 + warp * 16 * kMT + g;
 
-  int it = 0;
-  for (int64_t j0 = j_first; j0 < jhi; j0 += kN, ++it) {
-    const int stage = kStages == 2 ? (it & 1) : 0;
-    if (kStages == 1) {
-      load_kv(j0, 0);
-      device::async_commit();
-      device::async_wait<0>();
-    } else if (j0 + kN < jhi) {  // start the next tile, then wait for this one
-      load_kv(j0 + kN, stage ^ 1);
-      device::async_commit();
-      device::async_wait<1>();
-    } else {
-      device::async_wait<0>();
-    }
-    __syncthreads();
+  for (int64_t step = 0; step < steps; ++step) {
+    const int stage = begin_step<kStages>(step, steps, load_step);
+    const int64_t j0 = j_first + step * kN;
 
     float s[kMT][kN / 8][4];
 #pragma unroll
@@ -322,16 +346,16 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
       for (int n = 0; n < kN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
     }
     if constexpr (Cfg::kQInRegisters) {
-      if (it == 0) {
+      if (step == 0) {
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
           for (int kk = 0; kk < kD / 16; ++kk) mma::load_a_tile(qf[mt][kk], sQw + mt * 16 * kLd + kk * 16, kLd, lane);
         }
       }
-      mma::warp_gemm_abt<T, kMT, kN, kD>(s, qf, keys(stage), kLd, lane);
+      mma::warp_gemm_abt<T, kMT, kN, kD>(s, qf, kv.keys(stage), kLd, lane);
     } else {
-      mma::warp_gemm_abt<T, kMT, kN, kD>(s, sQw, kLd, keys(stage), kLd, lane);
+      mma::warp_gemm_abt<T, kMT, kN, kD>(s, sQw, kLd, kv.keys(stage), kLd, lane);
     }
 
     const bool clear = tile_is_clear(p, i0, kM, j0, kN);
@@ -393,7 +417,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
         }
       }
     }
-    mma::warp_gemm_pb<T, kMT, kD, kN>(acc, s, values(stage), kLd, lane);
+    mma::warp_gemm_pb<T, kMT, kD, kN>(acc, s, kv.values(stage), kLd, lane);
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
   device::async_wait<0>();  // (no key tile: the Q copy may still be in flight)
@@ -484,9 +508,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kM * kLd;
-  T* sKV = sdO + kM * kLd;
-  auto keys = [&](int stage) { return sKV + stage * 2 * kN * kLd; };
-  auto values = [&](int stage) { return sKV + (stage * 2 + 1) * kN * kLd; };
+  const KeyValueTiles<T, kN, kD, kThreads> kv{sdO + kM * kLd};
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, h = blockIdx.y, bh = b * p.Hq + h, hk = h / p.G;
@@ -498,20 +520,16 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_stride[0] + h * p.do_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
-  auto load_kv = [&](int64_t j0, int stage) {
-    const int cols = static_cast<int>(p.Sk - j0 < kN ? p.Sk - j0 : kN);
-    load_tile<T, kN, kD, kThreads>(keys(stage), kLd, k + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, p.k_vec);
-    load_tile<T, kN, kD, kThreads>(values(stage), kLd, v + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv,
-                                   p.v_vec);
-  };
 
   int64_t jlo, jhi;
   band_keys(p, i0, i0 + rows, jlo, jhi);
   const int64_t j_first = (jlo / kN) * kN;
+  const int64_t steps = jhi > j_first ? (jhi - j_first + kN - 1) / kN : 0;
+  auto load_step = [&](int64_t step, int stage) { kv.load(p, k, v, j_first + step * kN, stage); };
   load_tile<T, kM, kD, kThreads>(sQ, kLd, q + i0 * p.q_stride[2], p.q_stride[2], rows, p.D, p.q_vec);
   load_tile<T, kM, kD, kThreads>(sdO, kLd, dout + i0 * p.do_stride[2], p.do_stride[2], rows, p.Dv,
                                  p.do_vec);
-  if (kStages == 2 && j_first < jhi) load_kv(j_first, 0);
+  if (kStages == 2 && steps > 0) load_step(0, 0);
   device::async_commit();
 
   const int64_t row0 = i0 + warp * 16 + g;
@@ -526,21 +544,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 #pragma unroll
   for (int n = 0; n < kD / 8; ++n) acc[0][n][0] = acc[0][n][1] = acc[0][n][2] = acc[0][n][3] = 0.f;
 
-  int it = 0;
-  for (int64_t j0 = j_first; j0 < jhi; j0 += kN, ++it) {
-    const int stage = kStages == 2 ? (it & 1) : 0;
-    if (kStages == 1) {
-      load_kv(j0, 0);
-      device::async_commit();
-      device::async_wait<0>();
-    } else if (j0 + kN < jhi) {
-      load_kv(j0 + kN, stage ^ 1);
-      device::async_commit();
-      device::async_wait<1>();
-    } else {
-      device::async_wait<0>();
-    }
-    __syncthreads();
+  for (int64_t step = 0; step < steps; ++step) {
+    const int stage = begin_step<kStages>(step, steps, load_step);
+    const int64_t j0 = j_first + step * kN;
 
     float s[1][kN / 8][4], dp[1][kN / 8][4];
 #pragma unroll
@@ -548,8 +554,8 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][n][e] = dp[0][n][e] = 0.f;
     }
-    mma::warp_gemm_abt<T, 1, kN, kD>(s, sQ + warp * 16 * kLd, kLd, keys(stage), kLd, lane);
-    mma::warp_gemm_abt<T, 1, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, values(stage), kLd, lane);
+    mma::warp_gemm_abt<T, 1, kN, kD>(s, sQ + warp * 16 * kLd, kLd, kv.keys(stage), kLd, lane);
+    mma::warp_gemm_abt<T, 1, kN, kD>(dp, sdO + warp * 16 * kLd, kLd, kv.values(stage), kLd, lane);
 
     const bool clear = tile_is_clear(p, i0, kM, j0, kN);
 #pragma unroll
@@ -564,7 +570,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
         s[0][n][e] = dsr;
       }
     }
-    mma::warp_gemm_pb<T, 1, kD, kN>(acc, s, keys(stage), kLd, lane);  // dQ += dS K
+    mma::warp_gemm_pb<T, 1, kD, kN>(acc, s, kv.keys(stage), kLd, lane);  // dQ += dS K
     __syncthreads();
   }
   device::async_wait<0>();
@@ -694,19 +700,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
   }
   const int64_t key0 = j0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
   for (int64_t step = 0; step < steps; ++step) {
-    const int stage = kStages == 2 ? static_cast<int>(step & 1) : 0;
-    if (kStages == 1) {
-      load_step(step, 0);
-      device::async_commit();
-      device::async_wait<0>();
-    } else if (step + 1 < steps) {
-      load_step(step + 1, stage ^ 1);
-      device::async_commit();
-      device::async_wait<1>();
-    } else {
-      device::async_wait<0>();
-    }
-    __syncthreads();
+    const int stage = begin_step<kStages>(step, steps, load_step);
     const int64_t h = hk * p.G + step / tiles;
     const int64_t i0 = i_first + static_cast<int64_t>(step % tiles) * kQ;
     const T* sQ = queries(stage);
