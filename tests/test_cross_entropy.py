@@ -460,6 +460,40 @@ def test_gpu_64bit_offsets(backend):
     assert math.isfinite(loss.float().sum().item())
 
 
+def _free_memory_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif("cpu" not in llmfast.available_backends() or _free_memory_bytes() < 12e9,
+                    reason="needs llmfast._C and 12 GB of free memory")
+def test_cpu_64bit_offsets():
+    """M * V > 2^31 on the C++ CPU kernels, loss and gradient: rows past element 2^31 match the
+    reference (the first rows are zeros, so filling the 4.3 GB input stays cheap)."""
+    V = 256000
+    m = (2**31) // V + 4
+    x = torch.zeros(m, V, dtype=torch.bfloat16)
+    torch.manual_seed(31)
+    x[-4:] = (torch.randn(4, V) * 3).to(torch.bfloat16)
+    x.requires_grad_()
+    t = torch.randint(0, V, (m,))
+    with llmfast.use_backend("cpu"):
+        loss = LF.cross_entropy(x, t, reduction="none")
+        (grad,) = torch.autograd.grad(loss[-4:].sum(), x)
+    tail = slice(m - 4, m)
+    xr = x.detach()[tail].double().requires_grad_()
+    ref = llmfast.reference.cross_entropy(xr, t[tail], reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), xr)
+    torch.testing.assert_close(loss[tail].double(), ref, **OUT_TOL[torch.bfloat16])
+    assert rel_error(grad[tail].double(), ref_grad) < GRAD_REL_TOL[torch.bfloat16]
+    torch.testing.assert_close(loss[:2].float(), torch.full((2,), math.log(V)), atol=2e-2, rtol=2e-2)
+    assert (grad[:2] == 0).all(), "rows without upstream gradient get zero gradient"
+
+
 # --- fused linear + cross-entropy -------------------------------------------------------------
 LINEAR_CASES = [
     ("mean", dict(reduction="mean")),
