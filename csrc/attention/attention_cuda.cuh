@@ -631,10 +631,13 @@ LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[1][kQ / 8][
       if (i0 + row >= p.Sq) continue;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = np * 16 + j * 8 + 2 * t + e;
-          if (col < p.D) device::atomic_add(dq + (g + 8 * r) * p.D + col, c[j][2 * r + e]);
+        const int col = np * 16 + j * 8 + 2 * t;
+        float* dst = dq + (g + 8 * r) * p.D + col;
+        if ((p.D & 1) == 0 && col + 1 < p.D) {  // rows of even length: the pair is 8-byte aligned
+          device::atomic_add_pair(dst, c[j][2 * r], c[j][2 * r + 1]);
+        } else {
+          if (col < p.D) device::atomic_add(dst, c[j][2 * r]);
+          if (col + 1 < p.D) device::atomic_add(dst + 1, c[j][2 * r + 1]);
         }
       }
     }

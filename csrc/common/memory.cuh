@@ -6,6 +6,7 @@
 //   async_commit()            closes the group of copies started since the last commit
 //   async_wait<N>()           waits until at most N committed groups are still in flight
 //   atomic_add(p, v)          *p += v for a float in global memory, atomically
+//   atomic_add_pair(p, a, b)  the same for p[0], p[1] (one vector reduction on sm_90)
 // A __syncthreads() after the wait makes the copies of every thread visible to the block.
 // Under LLMFAST_SIMT_EMULATION a copy completes at once (the kernels' buffer logic is still
 // exercised; only the overlap is not), and an atomic add is a plain add (one OS thread runs
@@ -49,6 +50,20 @@ LLMFAST_DEVICE void atomic_add(float* p, float v) {
   *p += v;
 #else
   atomicAdd(p, v);
+#endif
+}
+
+// p[0] += a, p[1] += b atomically (each element on its own), p 8-byte aligned: one vector
+// reduction on sm_90, two elsewhere.
+LLMFAST_DEVICE void atomic_add_pair(float* p, float a, float b) {
+#if defined(LLMFAST_SIMT_EMULATION)
+  p[0] += a;
+  p[1] += b;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
 #endif
 }
 
