@@ -142,11 +142,35 @@ def _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap)
     return label_smoothing, z_loss, softcap
 
 
+def _cross_entropy_probs(fn, input, target, weight, reduction, label_smoothing, z_loss, softcap, process_group):
+    """Class-probability targets (a floating target shaped like the input), torch's semantics:
+    plain PyTorch (llmfast.reference.cross_entropy_probs), no fused kernel."""
+    _checks.same_device(fn, "target", target, "input", input)
+    if tuple(target.shape) != tuple(input.shape):
+        raise LlmfastValueError(f"{fn}: class-probability targets must have the input's shape {tuple(input.shape)}, "
+                                f"got {tuple(target.shape)}")
+    if process_group is not None:
+        raise LlmfastValueError(f"{fn}: process_group takes class-index targets only")
+    if input.dim() == 0:
+        raise LlmfastValueError(f"{fn}: input must have at least 1 dimension (C,), got a 0-d tensor")
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if weight is not None:
+        _checks.floating(fn, "weight", weight)
+        if tuple(weight.shape) != (n_classes,):
+            raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
+        _checks.same_device(fn, "weight", weight, "input", input)
+    label_smoothing, z_loss, softcap = _loss_options(fn, reduction, -100, label_smoothing, z_loss, softcap)
+    return _reference.cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss=z_loss,
+                                          softcap=softcap)
+
+
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
                   z_loss=0.0, softcap=None, inplace_backward=False, process_group=None):
     """As torch.nn.functional.cross_entropy with class-index targets: logits (C,), (N, C) or
     (N, C, d1, ...), target (), (N,) or (N, d1, ...); the same values and gradients for every
-    reduction, class weights, label smoothing and ignore_index.
+    reduction, class weights, label smoothing and ignore_index. Class-probability targets (a
+    floating target shaped like the input) follow torch's semantics too, through plain PyTorch
+    (llmfast.reference.cross_entropy_probs; no fused kernel, z_loss and softcap apply).
 
     Extras (keyword-only): `z_loss` adds z_loss * logsumexp(logits)^2 per non-ignored token
     (weighted by its target-class weight like its NLL term); `softcap` replaces the logits by
@@ -172,10 +196,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     fn = "cross_entropy"
     _checks.floating(fn, "input", input)
     _checks.tensor(fn, "target", target)
-    if target.dtype.is_floating_point or target.dtype.is_complex:
-        raise LlmfastTypeError(
-            f"{fn}: target must hold class indices (an integer tensor); class-probability targets "
-            f"({target.dtype}) are not supported")
+    if target.dtype.is_floating_point:
+        return _cross_entropy_probs(fn, input, target, weight, reduction, label_smoothing, z_loss, softcap,
+                                    process_group)
+    if target.dtype.is_complex:
+        raise LlmfastTypeError(f"{fn}: target must hold class indices or class probabilities, got {target.dtype}")
     if target.dtype == torch.bool:
         raise LlmfastTypeError(f"{fn}: target must be an integer tensor of class indices, got torch.bool")
     _checks.same_device(fn, "target", target, "input", input)

@@ -17,6 +17,7 @@ import torch
 
 import llmfast
 import llmfast.functional as LF
+import llmfast.nn as lnn
 from conftest import DEVICES, device_backend_params
 from helpers import GRAD_REL_TOL, OUT_TOL, rel_error
 
@@ -301,6 +302,41 @@ def test_no_grad_and_empty(device, backend, poison):
             got = LF.cross_entropy(empty, t0, reduction=reduction)
             torch.testing.assert_close(got, torch.nn.functional.cross_entropy(empty, t0, reduction=reduction),
                                        equal_nan=True)
+
+
+# --- class-probability targets (plain PyTorch path) ------------------------------------------
+@pytest.mark.parametrize("shape", [(6, 9), (3, 9, 4), (9,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_match_torch(shape, reduction):
+    """A floating target shaped like the input: torch's soft-label cross-entropy, values and
+    gradients, with and without class weights and label smoothing; nn.CrossEntropyLoss too."""
+    torch.manual_seed(zlib.crc32(repr((shape, reduction)).encode()))
+    dim = 1 if len(shape) > 1 else 0
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    p = torch.softmax(torch.randn(*shape, dtype=torch.float64), dim)
+    w = torch.rand(shape[dim], dtype=torch.float64)
+    for kw in (dict(), dict(weight=w), dict(label_smoothing=0.2), dict(weight=w, label_smoothing=0.1)):
+        ours = LF.cross_entropy(x, p, reduction=reduction, **kw)
+        theirs = torch.nn.functional.cross_entropy(x, p, reduction=reduction, **kw)
+        torch.testing.assert_close(ours, theirs)
+        g = torch.randn_like(theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
+        module = lnn.CrossEntropyLoss(reduction=reduction, **kw)
+        torch.testing.assert_close(module(x, p), theirs)
+
+
+def test_probability_targets_extras_and_errors():
+    torch.manual_seed(4)
+    x = torch.randn(5, 7, requires_grad=True)
+    p = torch.softmax(torch.randn(5, 7), 1)
+    got = LF.cross_entropy(x, p, z_loss=1e-2, softcap=3.0)
+    capped = 3.0 * torch.tanh(x / 3.0)
+    want = (-(p * torch.log_softmax(capped, 1)).sum(1) + 1e-2 * torch.logsumexp(capped, 1) ** 2).mean()
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="input's shape"):
+        LF.cross_entropy(x, p[:, :6])
+    with pytest.raises(TypeError, match="weight"):
+        LF.cross_entropy(x, p, weight=torch.ones(7, dtype=torch.int64))
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -80,6 +80,36 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     return out.to(input.dtype)
 
 
+def cross_entropy_probs(input, target, weight=None, reduction="mean", label_smoothing=0.0, *, z_loss=0.0,
+                        softcap=None):
+    """Cross-entropy against class-probability targets (torch's semantics for a floating target
+    shaped like the input): with p = the target smoothed as (1 - eps) p + eps / C,
+    loss_i = -sum_c w[c] p_ic log_softmax(x_i)_c + z_loss * logsumexp(x_i)^2, 'mean' dividing
+    by the number of tokens (not by weights, as torch). softcap as in cross_entropy."""
+    acc = _acc_dtype(input.dtype)
+    dim = 1 if input.dim() >= 2 else 0
+    x = input.to(acc)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(x, dim=dim, keepdim=True)
+    logp = x - lse
+    p = target.to(acc)
+    if label_smoothing > 0:
+        p = p * (1 - label_smoothing) + label_smoothing / input.shape[dim]
+    if weight is not None:
+        shape = [1] * input.dim()
+        shape[dim] = -1
+        p = p * weight.to(acc).view(shape)
+    loss = -(p * logp).sum(dim)
+    if z_loss:
+        loss = loss + z_loss * lse.squeeze(dim).square()
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        loss = loss.sum() / loss.numel()  # NaN for no token, as torch
+    return loss.to(input.dtype)
+
+
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None):
     """cross_entropy(input @ weight.T + bias, target, ...) over the last dimension of `input`
