@@ -362,6 +362,25 @@ def _as_4d(t):
     return t.reshape(-1, *t.shape[-3:])
 
 
+def _broadcast_batch(fn, query, key, value):
+    """query (..., Hq, Sq, D), key (..., Hkv, Sk, D), value (..., Hkv, Sk, Dv) with their batch
+    dimensions (all but the last three; missing ones count as 1) broadcast together, as torch
+    does: expanded views, no copies."""
+    def pad(t):
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+    shapes = [tuple(t.shape[:-3]) for t in (query, key, value)]
+    if shapes[0] == shapes[1] == shapes[2] and query.dim() == key.dim() == value.dim():
+        return query, key, value
+    q, k, v = pad(query), pad(key), pad(value)
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise LlmfastValueError(f"{fn}: the batch dimensions of query {tuple(query.shape)}, key {tuple(key.shape)} "
+                                f"and value {tuple(value.shape)} do not broadcast") from None
+    return tuple(t.expand(*lead, *t.shape[-3:]) for t in (q, k, v))
+
+
 def _window(fn, window_size):
     if window_size is None:
         return -1, -1
@@ -392,7 +411,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     - A query row whose keys are all masked gets output 0 and zero gradients (torch >= 2.5's
       math path agrees; older torch and some fused torch backends give NaN).
     - attn_mask and is_causal may be given together (torch refuses); both apply.
-    - query, key and value must have the same leading (batch) dimensions (no broadcasting).
     Extras (keyword-only):
     - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (-1 =
       unbounded on that side; combines with is_causal and attn_mask).
@@ -420,18 +438,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if t.dtype != query.dtype:
             raise LlmfastTypeError(f"{fn}: {name} must have query's dtype {query.dtype}, got {t.dtype}")
         _checks.same_device(fn, name, t, "query", query)
-    if query.dim() < 2:
-        raise LlmfastValueError(f"{fn}: query must have at least 2 dimensions (..., Sq, D), got shape "
-                                f"{tuple(query.shape)}")
-    for name, t in (("key", key), ("value", value)):
-        if t.dim() != query.dim():
-            raise LlmfastValueError(f"{fn}: {name} must have query's number of dimensions ({query.dim()}), "
-                                    f"got shape {tuple(t.shape)}")
-    lead = tuple(query.shape[:-3])
-    for name, t in (("key", key), ("value", value)):
-        if tuple(t.shape[:-3]) != lead:
-            raise LlmfastValueError(f"{fn}: {name} must have query's batch dimensions {lead}, got shape "
-                                    f"{tuple(t.shape)} (llmfast does not broadcast batch dimensions)")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() < 2:
+            raise LlmfastValueError(f"{fn}: {name} must have at least 2 dimensions (..., S, D), got shape "
+                                    f"{tuple(t.shape)}")
+    query, key, value = _broadcast_batch(fn, query, key, value)
     hq = query.shape[-3] if query.dim() >= 3 else 1
     hkv = key.shape[-3] if key.dim() >= 3 else 1
     sq, d = query.shape[-2], query.shape[-1]
@@ -445,7 +456,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise LlmfastTypeError(f"{fn}: {name} must be a bool, got {flag!r}")
-    if hkv != hq:
+    if hkv != hq and hq == 1:  # one query head against several: broadcast, as torch does
+        query = query.expand(*query.shape[:-3], hkv, *query.shape[-2:])
+        hq = hkv
+    if hkv != hq and hkv != 1:  # (one key head is multi-query attention, with or without enable_gqa)
         if not enable_gqa:
             raise LlmfastValueError(f"{fn}: key has {hkv} heads and query {hq}; pass enable_gqa=True for "
                                     f"grouped-query attention")

@@ -283,6 +283,25 @@ def test_lse_gradient(device, backend):
         torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_batch_and_head_broadcasting_as_torch(device, backend):
+    """Batch dimensions broadcast (missing ones count as 1) and a single query or key head
+    broadcasts over the other side's heads, as in torch's math path; gradients reduce back."""
+    shapes = [((2, 3, 5, 16), (1, 3, 6, 16)), ((2, 2, 3, 5, 16), (3, 6, 16)), ((3, 5, 16), (2, 3, 6, 16)),
+              ((2, 3, 5, 16), (2, 1, 6, 16)), ((2, 1, 5, 16), (2, 3, 6, 16)), ((5, 16), (6, 16))]
+    for qs, ks in shapes:
+        torch.manual_seed(zlib.crc32(repr((qs, ks)).encode()))
+        q, k, v = (torch.randn(*s, device=device, requires_grad=True) for s in (qs, ks, ks))
+        with llmfast.use_backend(backend):
+            out = LF.scaled_dot_product_attention(q, k, v, is_causal=True)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True)
+        assert out.shape == ref.shape, (qs, ks)
+        torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g.to(out.dtype)), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=2e-4)
+
+
 # --- backend choice and bad input -------------------------------------------------------------
 def test_backend_choice():
     q = torch.randn(1, 2, 5, 16)
@@ -341,7 +360,8 @@ def test_bad_input_names_the_argument(device, backend):
         (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=(-2, 3), enable_gqa=True), "window_size"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=4, enable_gqa=True), "window_size"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, is_causal=1, enable_gqa=True), "is_causal"),
-        (lambda: LF.scaled_dot_product_attention(q[0], k, k, enable_gqa=True), "key"),
+        (lambda: LF.scaled_dot_product_attention(q.expand(2, 4, 5, 16), torch.randn(3, 2, 7, 16, device=device),
+                                                 torch.randn(3, 2, 7, 16, device=device), enable_gqa=True), "broadcast"),
     ]
     with llmfast.use_backend(backend):
         for call, name in cases:
