@@ -223,36 +223,34 @@ LLMFAST_DEVICE float scaled_score(const Params& p, float raw, float& th) {
   return raw * p.scale;
 }
 
+// y plus the attn_mask entry (i, j), or -inf where a bool mask is false. Out of line: it runs
+// only with a mask, from loops unrolled over every element of a fragment.
+LLMFAST_DEVICE_NOINLINE float apply_attn_mask(const Params& p, float y, int64_t b, int64_t h, int64_t i,
+                                              int64_t j) {
+  const int64_t off = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] +
+                      j * p.mask_stride[3];
+  switch (p.mask_kind) {
+    case kMaskBool:
+      return static_cast<const bool*>(p.mask)[off] ? y : -kInf;
+    case kMaskF32:
+      return y + static_cast<const float*>(p.mask)[off];
+    case kMaskF16:
+      return y + mma::Element<__half>::to_float(static_cast<const __half*>(p.mask)[off]);
+    case kMaskBF16:
+      return y + mma::Element<__nv_bfloat16>::to_float(static_cast<const __nv_bfloat16*>(p.mask)[off]);
+    default:
+      return y + static_cast<float>(static_cast<const double*>(p.mask)[off]);
+  }
+}
+
 // y with the mask applied: -inf where (i, j) takes no part (past a sequence end, outside the
-// band, false in a bool mask), else y plus the additive mask. Out of line: it runs only on tiles
-// that cross an edge, from loops unrolled over every element of a fragment.
-LLMFAST_DEVICE_NOINLINE float masked_score(const Params& p, float y, int64_t b, int64_t h, int64_t i,
-                                  int64_t j) {
+// band, false in a bool mask), else y plus the additive mask. The sequence ends and the band
+// (the causal diagonal) are a few inline comparisons; the mask tensor is read out of line.
+LLMFAST_DEVICE float masked_score(const Params& p, float y, int64_t b, int64_t h, int64_t i, int64_t j) {
   if (i >= p.Sq || j >= p.Sk) return -kInf;
   if (p.left >= 0 && j < i - p.left) return -kInf;
   if (p.right >= 0 && j > i + p.right) return -kInf;
-  if (p.mask_kind != kNoMask) {
-    const int64_t off = b * p.mask_stride[0] + h * p.mask_stride[1] + i * p.mask_stride[2] +
-                        j * p.mask_stride[3];
-    switch (p.mask_kind) {
-      case kMaskBool:
-        if (!static_cast<const bool*>(p.mask)[off]) return -kInf;
-        break;
-      case kMaskF32:
-        y += static_cast<const float*>(p.mask)[off];
-        break;
-      case kMaskF16:
-        y += mma::Element<__half>::to_float(static_cast<const __half*>(p.mask)[off]);
-        break;
-      case kMaskBF16:
-        y += mma::Element<__nv_bfloat16>::to_float(static_cast<const __nv_bfloat16*>(p.mask)[off]);
-        break;
-      default:
-        y += static_cast<float>(static_cast<const double*>(p.mask)[off]);
-        break;
-    }
-  }
-  return y;
+  return p.mask_kind == kNoMask ? y : apply_attn_mask(p, y, b, h, i, j);
 }
 
 // True when the tile [i0, i0 + rows) x [j0, j0 + cols) lies inside both sequences and the band
