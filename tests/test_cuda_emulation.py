@@ -42,25 +42,33 @@ def _cuda_include():
     return None
 
 
-@pytest.fixture(scope="module")
-def emulated():
+def build_emulated(name, source, needs):
+    """Compiles tests/emulation/<source> (CUDA launchers built for the SIMT emulator) into the
+    extension `name` under build/emulation/<name>, or skips the test when the CUDA headers or
+    llmfast._C (`needs`: what the test uses it for) are missing."""
     inc = _cuda_include()
     if inc is None:
         pytest.skip("no CUDA toolkit headers (cuda_fp16.h) to compile the emulated kernels against")
     if not llmfast._extension.has_extension:
-        pytest.skip("llmfast._C is not built (the emulated kernels are compared through its ops' schemas)")
+        pytest.skip(f"llmfast._C is not built ({needs})")
     from torch.utils import cpp_extension
 
-    build = os.path.join(ROOT, "build", "emulation")
+    build = os.path.join(ROOT, "build", "emulation", name)
     os.makedirs(build, exist_ok=True)
     return cpp_extension.load(
-        name="llmfast_attention_emulated",
-        sources=[os.path.join(ROOT, "tests", "emulation", "attention_emulated.cpp")],
+        name=name,
+        sources=[os.path.join(ROOT, "tests", "emulation", source)],
         extra_include_paths=[os.path.join(ROOT, "csrc"), inc],
         extra_cflags=["-O2", "-DLLMFAST_SIMT_EMULATION", "-fno-strict-aliasing"],
         build_directory=build,
         verbose=False,
     )
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return build_emulated("llmfast_attention_emulated", "attention_emulated.cpp",
+                          "the emulated kernels are compared through its ops' schemas")
 
 
 @pytest.fixture

@@ -41,7 +41,6 @@ a load outside the tensor's 16-byte chunks fails the launch.
 
 The emulator is slow (a fiber switch per thread per barrier): a few rows per case.
 """
-import os
 import zlib
 
 import pytest
@@ -50,7 +49,7 @@ import torch
 import llmfast
 import test_cross_entropy as tce
 import test_norm as tn
-from test_cuda_emulation import ROOT, _cuda_include
+from test_cuda_emulation import build_emulated
 
 # The emulated GPUs: Hopper (thread-block clusters) and Ampere (none).
 DEVICES = {"sm90": "90", "sm80": "80"}
@@ -61,23 +60,8 @@ CE_OPS = ("cross_entropy_fwd", "cross_entropy_fwd_inplace", "cross_entropy_scale
 
 @pytest.fixture(scope="module")
 def kernels():
-    inc = _cuda_include()
-    if inc is None:
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h) to compile the emulated kernels against")
-    if not llmfast._extension.has_extension:
-        pytest.skip("llmfast._C is not built (the emulated kernels replace its CPU kernels)")
-    from torch.utils import cpp_extension
-
-    build = os.path.join(ROOT, "build", "emulation", "llmfast_ops_emulated")
-    os.makedirs(build, exist_ok=True)
-    return cpp_extension.load(
-        name="llmfast_ops_emulated",
-        sources=[os.path.join(ROOT, "tests", "emulation", "ops_emulated.cpp")],
-        extra_include_paths=[os.path.join(ROOT, "csrc"), inc],
-        extra_cflags=["-O2", "-DLLMFAST_SIMT_EMULATION", "-fno-strict-aliasing"],
-        build_directory=build,
-        verbose=False,
-    )
+    return build_emulated("llmfast_ops_emulated", "ops_emulated.cpp",
+                          "the emulated kernels replace its CPU kernels")
 
 
 @pytest.fixture
