@@ -223,6 +223,30 @@ def test_cross_entropy_all_targets_ignored(emulated, poison):
     assert not x.grad.any()
 
 
+@pytest.mark.parametrize("V", [97, 50257, 140000])
+@pytest.mark.parametrize("emulated", BOTH, indirect=True)
+def test_cross_entropy_out_of_range_targets_are_ignored(emulated, kernels, V):
+    """The GPU contract (cross_entropy_ops.cpp): a target outside [0, V) that is not ignore_index
+    is never used as an index and its row counts as ignored (loss 0, zero gradient, not in the
+    'mean' denominator). The CPU launchers raise instead, so the kernels are called directly,
+    on guarded memory (a read outside the logits fails the launch)."""
+    torch.manual_seed(V)
+    x = torch.randn(4, V)
+    t = torch.tensor([-3, 2, V - 1, V + 5])  # out of range in the first and the last row
+    valid = slice(1, 3)
+    for after_guard in (True, False):  # the logits start right after / end right before a guard
+        for reduction, code in (("none", 0), ("mean", 1)):
+            logits = kernels.guarded_copy(x, after_guard, 0)
+            loss, _, grad = kernels.cross_entropy_fwd(logits, t, None, code, -100, 0.0, 0.0, None, True)
+            ref = torch.nn.functional.cross_entropy(x[valid], t[valid], reduction=reduction)
+            if reduction == "none":
+                torch.testing.assert_close(loss[valid], ref)
+                torch.testing.assert_close(loss[[0, 3]], torch.zeros(2))
+            else:
+                torch.testing.assert_close(loss, ref)
+            assert not grad[[0, 3]].any(), "rows with an out-of-range target get no gradient"
+
+
 @pytest.mark.parametrize("emulated,dtype,V,plan", [
     ("sm90", torch.bfloat16, 50257, (416, 2)),
     ("sm80", torch.bfloat16, 50257, (800, 1)),
