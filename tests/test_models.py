@@ -1,10 +1,10 @@
 """End-to-end models (llmfast.models) against pure-torch twins with the same weights.
 
 Tiny configs on the CPU, float32: the models' losses, logits and every parameter gradient must
-match a twin written here in plain torch (torch.nn.LayerNorm, naive softmax attention or
-torch.nn.MultiheadAttention, full logits and torch.nn.functional.cross_entropy), for the default
-backend, 'reference' and, where Triton's interpreter is on, 'triton'. Plus: a few AdamW steps
-lower the loss, and torch.compile(fullgraph=True) of the GPT loss matches eager.
+match a twin in plain torch (llmfast.reference.gpt with naive softmax attention; for BERT,
+one written here with torch.nn.MultiheadAttention; full logits and
+torch.nn.functional.cross_entropy), for the default backend, 'reference' and, where Triton's
+interpreter is on, 'triton'. Plus: a few AdamW steps lower the loss, and torch.compile(fullgraph=True) of the GPT loss matches eager.
 
 Shapes are odd on purpose: vocab 97 and 101 (not a power of two), sequence 13 (no full tile),
 head dim 16 and 8, some targets ignored, padded sequences for BERT.
@@ -19,6 +19,7 @@ import torch.nn.functional as TF
 
 import llmfast
 from llmfast.models import GPT, BertConfig, BertForMaskedLM, GPTConfig
+from llmfast.reference import gpt as reference_gpt
 
 from conftest import backends_for
 from helpers import rel_error
@@ -44,68 +45,9 @@ def _tokens(cfg, B=2, T=13, seed=0):
     return idx, targets
 
 
-# --- pure-torch GPT twin (nanoGPT with naive attention) ------------------------------------------
-class TorchCausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        return self.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
-
-
-class TorchMLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-
-    def forward(self, x):
-        return self.c_proj(TF.gelu(self.c_fc(x)))
-
-
-class TorchBlock(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = TorchCausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = TorchMLP(cfg)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TorchGPT(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            h=nn.ModuleList([TorchBlock(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-        ))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
-
-    def forward(self, idx, targets=None):
-        pos = torch.arange(idx.shape[1])
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        if targets is None:
-            return logits, None
-        return logits, TF.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+# --- pure-torch GPT twin: nanoGPT with naive attention (llmfast.reference.gpt) -------------------
+def TorchGPT(cfg):
+    return reference_gpt.GPT(cfg, attention="math")
 
 
 def _randomize_norms(model):
