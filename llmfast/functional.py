@@ -479,7 +479,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if not ok:
             raise LlmfastValueError(f"{fn}: attn_mask must be broadcastable to {target} (..., Hq, Sq, Sk), got "
                                     f"shape {tuple(attn_mask.shape)}")
-    dropout_p = _number(fn, "dropout_p", dropout_p, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+    dropout_p = _number(fn, "dropout_p", dropout_p, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    if dropout_p == 1.0:  # everything dropped: zeros (and zero gradients), as torch gives
+        result = scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,
+                                              window_size=window_size, softcap=softcap, return_lse=return_lse)
+        if return_lse:
+            return result[0] * 0.0, result[1]
+        return result * 0.0
     if scale is not None:
         scale = _number(fn, "scale", scale, math.isfinite, "None or a finite number")
     if softcap is not None:

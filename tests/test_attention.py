@@ -225,6 +225,19 @@ def test_dropout_replays_with_the_reference(device, backend):
         torch.testing.assert_close(a.double(), g, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_dropout_of_one_drops_everything(device, backend):
+    """dropout_p=1.0 is allowed, as in torch: the output and every gradient are zero."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, s, 16, device=device, requires_grad=True) for s in (5, 7, 7))
+    with llmfast.use_backend(backend):
+        out = LF.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    gold = torch.nn.functional.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), dropout_p=1.0)
+    assert out.shape == gold.shape and torch.equal(out, torch.zeros_like(out)) and torch.equal(gold, out)
+    for g in torch.autograd.grad(out, (q, k, v), torch.randn_like(out)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
 # --- layouts and edge cases -------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 def test_non_contiguous_views_of_fused_qkv(device, backend, poison):
@@ -354,7 +367,7 @@ def test_bad_input_names_the_argument(device, backend):
          "attn_mask"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, torch.ones(5, 7, dtype=torch.int32, device=device),
                                                  enable_gqa=True), "attn_mask"),
-        (lambda: LF.scaled_dot_product_attention(q, k, k, dropout_p=1.0, enable_gqa=True), "dropout_p"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, dropout_p=1.5, enable_gqa=True), "dropout_p"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, scale=float("nan"), enable_gqa=True), "scale"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, softcap=0.0, enable_gqa=True), "softcap"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=(-2, 3), enable_gqa=True), "window_size"),
