@@ -143,7 +143,7 @@ def run(argv=None):
         report.print_table(name, records, header, skipped)
         notes = {p: n for p, n in spec.peer_notes.items() if p not in skipped}
         path = report.write_json(out_dir, name, header, records, skipped=skipped, formula=spec.formula,
-                                 notes=notes, shape_names=spec.shape_names)
+                                 notes=notes, shape_names=spec.shape_names, extra=_tuning_extra(name))
         written.append(path)
         if not args.no_plot:
             try:
@@ -162,6 +162,18 @@ def run(argv=None):
     written.append(report.write_summary(out_dir, tag, list(registry)))
     print("\nwritten: " + ", ".join(os.path.relpath(p) for p in written if p))
     return results
+
+
+def _tuning_extra(op):
+    """The Triton launch configurations the tuners picked during this op's runs (measured on
+    this GPU), stored beside the timings so the choice can be read back and written down."""
+    if op != "attention":
+        return None
+    import sys
+
+    module = sys.modules.get("llmfast.triton.attention")
+    report_ = module.tuning_report() if module is not None else []
+    return {"triton_tuning": report_} if report_ else None
 
 
 def main(argv=None):

@@ -213,7 +213,7 @@ def print_overhead(records, file=None):
 
 
 # --- files --------------------------------------------------------------------------------------
-def write_json(out_dir, op, header, records, *, skipped=None, formula="", notes=None, shape_names=None):
+def write_json(out_dir, op, header, records, *, skipped=None, formula="", notes=None, shape_names=None, extra=None):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{op}_{header['device_tag']}.json")
     metric, memory = op_display(op, records=records)
@@ -224,6 +224,7 @@ def write_json(out_dir, op, header, records, *, skipped=None, formula="", notes=
            "providers_skipped": skipped or {}, "provider_notes": notes or {}, "records": records}
     if op != "overhead":
         doc.update(metric=metric, report_memory=memory)
+    doc.update(extra or {})
     with open(path, "w") as f:
         json.dump(_clean(doc), f, indent=1)
         f.write("\n")

@@ -41,21 +41,29 @@ once per key tile and K, V once per query tile, writes dQ, dK, dV once. A mask t
 once per visited tile (a key-padding mask (B, 1, 1, Sk), stride 0 over queries, as one row).
 Offsets are 64-bit.
 
+Tiles (queries x keys per program, warps, pipeline stages) come per kernel from a short table
+of candidates (_fwd_candidates, _dkdv_candidates, _dq_candidates): the first is the default;
+on the first large call of a problem class (B * Hq * Sq * Sk >= 2^24) the others are timed on
+that call and the fastest is kept for the class (_tuning.Tuner; LLMFAST_TRITON_AUTOTUNE=0 turns
+it off; tuning_report() lists the choices). Under a causal band the query tiles of the forward
+and dQ kernels run last-first, so the longest rows start first and the tail of the grid is short.
+
 Launches work on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before triton
 was imported (Triton's interpreter, used by the CPU-only tests; its bf16 tl.dot is wrong, so
 test there in fp16 / fp32).
 """
 import contextlib
 import os
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from llmfast._errors import LlmfastTypeError, LlmfastValueError
+from llmfast.triton._tuning import Tuner
 
-__all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM"]
+__all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM", "tuning_report"]
 
 MAX_HEAD_DIM = 256  # = llmfast.ops.attention.TRITON_MAX_HEAD_DIM
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -232,6 +240,8 @@ def _attn_fwd_kernel(
     # B * H is not bounded by the 65535 limit of a grid's second dimension.
     n_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0) % n_m
+    if HAS_RIGHT:  # causal-like band: the last query tiles see the most keys; start them first
+        pid_m = n_m - 1 - pid_m
     pid_bh = tl.program_id(0) // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -369,6 +379,8 @@ def _attn_bwd_dq_kernel(
     # B * H is not bounded by the 65535 limit of a grid's second dimension.
     n_m = tl.cdiv(Sq, BLOCK_M)
     pid_m = tl.program_id(0) % n_m
+    if HAS_RIGHT:  # causal-like band: the last query tiles see the most keys; start them first
+        pid_m = n_m - 1 - pid_m
     pid_bh = tl.program_id(0) // n_m
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -562,36 +574,94 @@ class _Config(NamedTuple):
 _INTERPRET_TILES = (32, 32)
 
 
-def _fwd_config(d: int, elt: int, on_gpu: bool) -> _Config:
-    """Forward tiles for head dim d (padded to a power of two) and element size elt.
+def _fwd_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
+    """Forward tiles for head dim d (the larger of D and Dv, padded to a power of two) and
+    element size elt; the first is the default, the others are measured against it on large
+    problems (see _tuning.Tuner).
 
-    Provisional (not yet measured on the H100): FlashAttention-2's shapes. 128 queries per
-    program keep the tensor cores fed; the (128, d) fp32 accumulator is 64 registers a thread
-    for d = 128 with 8 warps; d = 256 halves the query tile to stay out of spills; fp32 inputs
-    halve the tiles (twice the shared memory per element)."""
+    The default is FlashAttention-2's shape: 128 queries per program keep the tensor cores
+    fed; the (128, d) fp32 accumulator is 64 registers a thread for d = 128 with 8 warps;
+    d = 256 halves the query tile to stay out of spills; fp32 inputs halve the tiles (twice
+    the shared memory per element). The alternatives span what Triton's own Hopper tutorial
+    searches (64/128 queries, 32-128 keys, 4/8 warps, 2-4 stages)."""
     if not on_gpu:
-        return _Config(*_INTERPRET_TILES, 1, 1)
+        return [_Config(*_INTERPRET_TILES, 1, 1)]
     if elt == 4:
-        return _Config(64, 32, 4, 2) if d <= 128 else _Config(32, 32, 4, 2)
+        if d <= 128:
+            return [_Config(64, 32, 4, 2), _Config(32, 32, 4, 2), _Config(64, 64, 4, 2), _Config(64, 32, 8, 2)]
+        return [_Config(32, 32, 4, 2), _Config(64, 32, 4, 2), _Config(32, 16, 4, 2)]
     if d <= 64:
-        return _Config(128, 64, 4, 3)
+        return [_Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(128, 64, 4, 4), _Config(64, 64, 4, 3),
+                _Config(128, 32, 4, 3), _Config(128, 128, 4, 3)]
     if d <= 128:
-        return _Config(128, 64, 8, 3)
-    return _Config(64, 32, 4, 2)
+        return [_Config(128, 64, 8, 3), _Config(128, 128, 8, 3), _Config(128, 64, 4, 3), _Config(128, 64, 8, 4),
+                _Config(64, 64, 4, 3), _Config(128, 32, 8, 3)]
+    return [_Config(64, 32, 4, 2), _Config(64, 64, 4, 2), _Config(128, 32, 8, 2), _Config(64, 64, 8, 2),
+            _Config(128, 64, 8, 2)]
 
 
-def _bwd_config(d: int, elt: int, on_gpu: bool) -> _Config:
-    """Backward tiles (block_m queries x block_n keys in both backward kernels). Provisional,
-    like _fwd_config: the dK/dV program holds K, V, dK, dV (4 x block_n x d, two in fp32)."""
+def _dkdv_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
+    """dK/dV tiles: block_n keys owned by a program (K, V, dK, dV stay on chip: 4 x block_n x d,
+    dK and dV in fp32), block_m queries per step. First is the default, as _fwd_candidates."""
     if not on_gpu:
-        return _Config(*_INTERPRET_TILES, 1, 1)
+        return [_Config(*_INTERPRET_TILES, 1, 1)]
     if elt == 4:
-        return _Config(32, 32, 4, 2)
+        return [_Config(32, 32, 4, 2), _Config(16, 32, 4, 2), _Config(32, 64, 4, 2)]
     if d <= 64:
-        return _Config(64, 64, 4, 3)
+        return [_Config(64, 64, 4, 3), _Config(32, 64, 4, 3), _Config(64, 128, 8, 2), _Config(32, 128, 4, 3),
+                _Config(64, 64, 8, 2), _Config(32, 128, 8, 3)]
     if d <= 128:
-        return _Config(64, 64, 8, 2)
-    return _Config(32, 32, 4, 2)
+        return [_Config(64, 64, 8, 2), _Config(32, 64, 4, 2), _Config(64, 128, 8, 2), _Config(32, 128, 8, 2),
+                _Config(64, 64, 4, 2), _Config(32, 64, 4, 3)]
+    return [_Config(32, 32, 4, 2), _Config(32, 64, 4, 2), _Config(64, 32, 4, 2), _Config(32, 64, 8, 2)]
+
+
+def _dq_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
+    """dQ tiles: block_m queries owned by a program (Q, dO, dQ on chip), block_n keys per step."""
+    if not on_gpu:
+        return [_Config(*_INTERPRET_TILES, 1, 1)]
+    if elt == 4:
+        return [_Config(32, 32, 4, 2), _Config(64, 32, 4, 2), _Config(32, 16, 4, 2)]
+    if d <= 64:
+        return [_Config(64, 64, 4, 3), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 4, 3),
+                _Config(64, 64, 8, 2), _Config(128, 64, 8, 3)]
+    if d <= 128:
+        return [_Config(64, 64, 8, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 2),
+                _Config(64, 64, 4, 2), _Config(128, 32, 4, 3)]
+    return [_Config(32, 32, 4, 2), _Config(64, 32, 4, 2), _Config(32, 64, 4, 2)]
+
+
+# One tuner per kernel: what each problem class runs with (see _tuning.Tuner). A problem is
+# measured when it is large enough (B * Hq * Sq * Sk >= 2^24, e.g. 8 x 12 heads x 1024^2 for
+# GPT-2) that a few timed runs are small next to the work they choose tiles for.
+FWD_TUNER = Tuner("attention_fwd")
+DKDV_TUNER = Tuner("attention_bwd_dkdv")
+DQ_TUNER = Tuner("attention_bwd_dq")
+_TUNE_MIN_WORK = 1 << 24
+
+
+def tuning_report():
+    """What the attention tuners picked in this process, for the benchmark report: one entry
+    per kernel and problem class with the chosen tiles and every candidate's measured time."""
+    entries = []
+    for tuner in (FWD_TUNER, DKDV_TUNER, DQ_TUNER):
+        for key, cfg in tuner.chosen().items():
+            timings = tuner.timings(key) or {}
+            entries.append({
+                "kernel": tuner.name,
+                "problem": {"D": key[0], "Dv": key[1], "dtype": str(key[2]).replace("torch.", ""), "gqa": key[3],
+                            "Sq_bucket": 1 << key[4], "Sk_bucket": 1 << key[5], "flags": [str(f) for f in key[6:]]},
+                "chosen": cfg._asdict(),
+                "candidates_ms": [dict(c._asdict(), ms=round(ms, 4)) for c, ms in sorted(timings.items(),
+                                                                                          key=lambda kv: kv[1])],
+            })
+    return entries
+
+
+def _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, dtype, *flags):
+    """The problem class: exact head dims, dtype and flags; lengths by power-of-two bucket (so
+    a new sequence length in the same bucket reuses the choice)."""
+    return (D, Dv, dtype, Hq != Hkv, (max(Sq, 1) - 1).bit_length(), (max(Sk, 1) - 1).bit_length(), *flags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,20 +785,27 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
     if B * Hq * Sq == 0:
         return out, lse
     window_left, window_right = _normalize_window(window_left, window_right, Sq, Sk)
-    cfg = _fwd_config(max(D, Dv), query.element_size(), dev.type == "cuda")
     qk_scale, cap_scale = _scales(scale, softcap)
-    grid = (_cdiv(Sq, cfg.block_m) * B * Hq,)
-    with _device_ctx(dev):
-        _attn_fwd_kernel[grid](
-            query, key, value, out, lse, mask if mask is not None else query, seed if seed is not None else lse,
+    flags = _common_flags(window_left, window_right, softcap, query.dtype, dropout_p)
+    mask_arg = mask if mask is not None else query
+    seed_arg = seed if seed is not None else lse
+
+    def launch(cfg):
+        _attn_fwd_kernel[(_cdiv(Sq, cfg.block_m) * B * Hq,)](
+            query, key, value, out, lse, mask_arg, seed_arg,
             *query.stride(), *key.stride(), *value.stride(), *out.stride(), *ms,
             Hq, Hq // Hkv, Sq, Sk,
             qk_scale, cap_scale, window_left, window_right, dropout_p, _keep_scale(dropout_p),
             D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
-            **_common_flags(window_left, window_right, softcap, query.dtype, dropout_p),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row, **flags,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    with _device_ctx(dev):
+        key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, *flags.values())
+        cfg = FWD_TUNER.choose(key_, _fwd_candidates(max(D, Dv), query.element_size(), dev.type == "cuda"),
+                               launch, device=dev, large=B * Hq * Sq * Sk >= _TUNE_MIN_WORK)
+        launch(cfg)
     return out, lse
 
 
@@ -766,7 +843,6 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
         return grad_query, grad_key, grad_value, grad_mask
 
     window_left, window_right = _normalize_window(window_left, window_right, Sq, Sk)
-    cfg = _bwd_config(max(D, Dv), query.element_size(), dev.type == "cuda")
     qk_scale, cap_scale = _scales(scale, softcap)
     flags = _common_flags(window_left, window_right, softcap, query.dtype, dropout_p)
     dims = dict(D=D, DV=Dv, BLOCK_D=max(16, _pow2(D)), BLOCK_DV=max(16, _pow2(Dv)))
@@ -774,13 +850,9 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
     dlse = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else None
     mask_ptr = mask if mask is not None else query
     seed_ptr = seed if seed is not None else delta
-    with _device_ctx(dev):
-        block_pre = 64 if dev.type == "cuda" else 32
-        _attn_bwd_delta_kernel[(_cdiv(Sq, block_pre) * B * Hq,)](
-            out, grad_out, dlse if dlse is not None else delta, delta,
-            *out.stride(), *grad_out.stride(), Hq, Sq,
-            DV=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_pre, HAS_DLSE=dlse is not None,
-        )
+    on_gpu = dev.type == "cuda"
+
+    def launch_dkdv(cfg):
         _attn_bwd_dkdv_kernel[(_cdiv(Sk, cfg.block_n) * B * Hkv,)](
             query, key, value, grad_out, lse, delta, grad_key, grad_value, mask_ptr, seed_ptr,
             grad_mask if mask_grad else delta,
@@ -791,6 +863,8 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
             **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
             MASK_GRAD=mask_grad, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    def launch_dq(cfg):
         _attn_bwd_dq_kernel[(_cdiv(Sq, cfg.block_m) * B * Hq,)](
             query, key, value, grad_out, lse, delta, grad_query, mask_ptr, seed_ptr,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *grad_query.stride(), *ms,
@@ -799,4 +873,17 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
             **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
             **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+    with _device_ctx(dev):
+        block_pre = 64 if on_gpu else 32
+        _attn_bwd_delta_kernel[(_cdiv(Sq, block_pre) * B * Hq,)](
+            out, grad_out, dlse if dlse is not None else delta, delta,
+            *out.stride(), *grad_out.stride(), Hq, Sq,
+            DV=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_pre, HAS_DLSE=dlse is not None,
+        )
+        key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, mask_grad, *flags.values())
+        large = B * Hq * Sq * Sk >= _TUNE_MIN_WORK
+        d, elt = max(D, Dv), query.element_size()
+        launch_dkdv(DKDV_TUNER.choose(key_, _dkdv_candidates(d, elt, on_gpu), launch_dkdv, device=dev, large=large))
+        launch_dq(DQ_TUNER.choose(key_, _dq_candidates(d, elt, on_gpu), launch_dq, device=dev, large=large))
     return grad_query, grad_key, grad_value, grad_mask
