@@ -200,3 +200,38 @@ def test_tuning_report_lists_choices_and_timings(monkeypatch):
     assert entry["problem"]["Sq_bucket"] == 1024 and entry["problem"]["Sk_bucket"] == 4096
     assert entry["problem"]["dtype"] == "bfloat16" and entry["problem"]["D"] == 64
     assert [c["ms"] for c in entry["candidates_ms"]] == [1.0, 2.0]
+
+
+@needs_triton
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("feature", ["gqa", "softcap_window", "dropout", "mask_grad"])
+def test_fused_dq_plan_matches_two_kernel_plan(device, feature):
+    """The fused-dQ backward (atomic fp32 dQ inside the dK/dV kernel) gives the gradients of the
+    two-kernel plan, with GQA, softcap and a window, dropout, and an additive mask's gradient."""
+    torch.manual_seed(3)
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, (2 if feature == "gqa" else 4), 70, 90, 32
+    q = torch.randn(B, Hq, Sq, D, device=device, dtype=torch.float16)
+    k, v = (torch.randn(B, Hkv, Sk, D, device=device, dtype=torch.float16) for _ in range(2))
+    kw = dict(enable_gqa=Hkv != Hq, is_causal=feature != "mask_grad")
+    if feature == "softcap_window":
+        kw.update(softcap=5.0, window_size=(20, 0))
+    if feature == "dropout":
+        kw.update(dropout_p=0.3)
+    mask = None
+    if feature == "mask_grad":
+        mask = torch.randn(B, 1, Sq, Sk, device=device, dtype=torch.float16).requires_grad_()
+    gout = torch.randn(B, Hq, Sq, D, device=device, dtype=torch.float16)
+    fused = tattn._Config(32, 32, 4, 2, True) if device == "cpu" else tattn._Config(64, 64, 4, 2, True)
+    plain = fused._replace(fused_dq=False)
+    results = []
+    for cfg in (plain, fused):
+        qt, kt, vt = (t.clone().requires_grad_() for t in (q, k, v))
+        inputs = (qt, kt, vt) + ((mask,) if mask is not None else ())
+        torch.manual_seed(7)  # the same dropout pattern for both plans
+        with llmfast.use_backend("triton"), tattn.DKDV_TUNER.forced(cfg):
+            out = LF.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **kw)
+            results.append((out,) + torch.autograd.grad(out, inputs, gout))
+    for name, a, b in zip(["out", "dq", "dk", "dv", "dmask"], *results):
+        assert torch.isfinite(b).all(), name
+        torch.testing.assert_close(b.float(), a.float(), atol=2e-3, rtol=2e-3, msg=lambda m: f"{name}: {m}")
+    assert not torch.equal(results[1][1], torch.zeros_like(results[1][1])), "dQ must have been written"

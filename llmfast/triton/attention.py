@@ -29,7 +29,10 @@ GQA sums in registers), once by programs that own BLOCK_M queries (dQ):
 probabilities are scaled by 1 / (1 - dropout_p) and the dropped ones are zero, while delta
 and the dS formula are unchanged). When an additive mask needs a gradient, the dK/dV
 programs also write dS, the gradient of the mask, as a (B, Hq, Sq, Sk) tensor: the one case
-that materialises Sq x Sk (only then).
+that materialises Sq x Sk (only then). A second plan (fused_dq tile configurations, timed against
+the first on large problems, never under torch.use_deterministic_algorithms) drops the dQ
+kernel: the dK/dV programs also add each key tile's share scale * dS K to an fp32 dQ buffer
+with atomics, FlashAttention-2's way (5 products instead of 7).
 
 Tiles of keys that are entirely visible to a query tile (inside the causal band / window and
 Sk) run without the band predicate; only the boundary tiles pay for it, and tiles entirely
@@ -430,13 +433,13 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base, offs_n, lo, hi,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, stride_dmm,
-                Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
+                Sq, Sk, scale, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p, keep_scale,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, MASK_GRAD: tl.constexpr,
                 SOFTCAP: tl.constexpr, BAND: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Transposed orientation: tiles are (keys, queries), so no (BLOCK_N, BLOCK_M) tile is
     # transposed; only the small Q and dO tiles are.
     offs_d = tl.arange(0, BLOCK_D)
@@ -470,7 +473,12 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
                      dst.to(dmask_base.dtype.element_ty), mask=m_ok[None, :] & (offs_n[:, None] < Sk))
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        dst = dst.to(qt.dtype)
+        dk += tl.dot(dst, tl.trans(qt), input_precision=DOT_PRECISION)
+        if FUSED_DQ:  # this key tile's share of dQ = scale * dS K, summed into fp32 by atomics
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(dq_base + rows[:, None] * D + offs_d[None, :], dq,
+                          mask=m_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
@@ -484,6 +492,7 @@ def _attn_bwd_dkdv_kernel(
     DK, DV_OUT,  # (B, Hkv, Sk, D), (B, Hkv, Sk, DV) out
     MASK, SEED,
     DMASK,  # (B, Hq, Sq, Sk) contiguous out (zero-initialised) when MASK_GRAD, else a dummy
+    DQ_ACC,  # (B, Hq, Sq, D) fp32 contiguous, zero-initialised, summed into when FUSED_DQ; else a dummy
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -496,7 +505,8 @@ def _attn_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, MASK_GRAD: tl.constexpr, SOFTCAP: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     n_n = tl.cdiv(Sk, BLOCK_N)  # 1-D grid, key tiles fastest
     pid_n = tl.program_id(0) % n_n
@@ -527,22 +537,23 @@ def _attn_bwd_dkdv_kernel(
         delta_base = DELTA + bh * Sq
         mask_base = MASK + b * stride_mb + h * stride_mh
         dmask_base = DMASK + bh * Sq * Sk
+        dq_base = DQ_ACC + bh * Sq * D
         row0 = bh * Sq
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n,
-                             lo, lo_in, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Sk,
-                             Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                             offs_n, lo, lo_in, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                             Sk, Sq, Sk, scale, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
                              keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW, MASK_GRAD,
-                             SOFTCAP, True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n,
-                             lo_in, hi_in, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Sk,
-                             Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                             SOFTCAP, True, HAS_LEFT, HAS_RIGHT, DROPOUT, FUSED_DQ, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                             offs_n, lo_in, hi_in, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                             Sk, Sq, Sk, scale, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
                              keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW, MASK_GRAD,
-                             SOFTCAP, False, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, offs_n,
-                             hi_in, hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn, Sk,
-                             Sq, Sk, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
+                             SOFTCAP, False, HAS_LEFT, HAS_RIGHT, DROPOUT, FUSED_DQ, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, dmask_base, dq_base,
+                             offs_n, hi_in, hi, stride_qm, stride_qd, stride_dom, stride_dod, stride_mm, stride_mn,
+                             Sk, Sq, Sk, scale, qk_scale, cap_scale, window_left, window_right, seed, row0, dropout_p,
                              keep_scale, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, MASK_ROW, MASK_GRAD,
-                             SOFTCAP, True, HAS_LEFT, HAS_RIGHT, DROPOUT, DOT_PRECISION)
+                             SOFTCAP, True, HAS_LEFT, HAS_RIGHT, DROPOUT, FUSED_DQ, DOT_PRECISION)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + keys * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
@@ -566,6 +577,7 @@ class _Config(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    fused_dq: bool = False  # dK/dV only: also sum dQ, by fp32 atomics (no dQ kernel; not deterministic)
 
 
 # Tiles used in Triton's CPU interpreter: small, so that the tests' short sequences (17, 128,
@@ -602,18 +614,27 @@ def _fwd_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
 
 def _dkdv_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
     """dK/dV tiles: block_n keys owned by a program (K, V, dK, dV stay on chip: 4 x block_n x d,
-    dK and dV in fp32), block_m queries per step. First is the default, as _fwd_candidates."""
+    dK and dV in fp32), block_m queries per step. First is the default, as _fwd_candidates.
+
+    Entries with fused_dq also compute dQ in the same pass, FlashAttention-2's way: each key
+    tile adds its share scale * dS K to an fp32 dQ buffer with atomics, so the backward does 5
+    products instead of 7 (no dQ kernel recomputing P and dP) at the price of B*Hq*Sq*D*4 bytes
+    and atomic traffic; they are timed against the two-kernel plan (dK/dV plus the dQ kernel)
+    and left out when torch.use_deterministic_algorithms is on."""
     if not on_gpu:
         return [_Config(*_INTERPRET_TILES, 1, 1)]
     if elt == 4:
         return [_Config(32, 32, 4, 2), _Config(16, 32, 4, 2), _Config(32, 64, 4, 2)]
     if d <= 64:
         return [_Config(64, 64, 4, 3), _Config(32, 64, 4, 3), _Config(64, 128, 8, 2), _Config(32, 128, 4, 3),
-                _Config(64, 64, 8, 2), _Config(32, 128, 8, 3)]
+                _Config(64, 64, 8, 2), _Config(32, 128, 8, 3),
+                _Config(64, 128, 8, 2, True), _Config(64, 64, 4, 3, True), _Config(32, 128, 4, 3, True)]
     if d <= 128:
         return [_Config(64, 64, 8, 2), _Config(32, 64, 4, 2), _Config(64, 128, 8, 2), _Config(32, 128, 8, 2),
-                _Config(64, 64, 4, 2), _Config(32, 64, 4, 3)]
-    return [_Config(32, 32, 4, 2), _Config(32, 64, 4, 2), _Config(64, 32, 4, 2), _Config(32, 64, 8, 2)]
+                _Config(64, 64, 4, 2), _Config(32, 64, 4, 3),
+                _Config(64, 128, 8, 2, True), _Config(64, 64, 8, 2, True), _Config(32, 128, 8, 2, True)]
+    return [_Config(32, 32, 4, 2), _Config(32, 64, 4, 2), _Config(64, 32, 4, 2), _Config(32, 64, 8, 2),
+            _Config(32, 64, 4, 2, True)]
 
 
 def _dq_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
@@ -852,16 +873,24 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
     seed_ptr = seed if seed is not None else delta
     on_gpu = dev.type == "cuda"
 
+    dq_acc = []  # the fp32 dQ buffer of fused_dq plans, made on first use
+
     def launch_dkdv(cfg):
+        if cfg.fused_dq:
+            if not dq_acc:
+                dq_acc.append(torch.zeros((B, Hq, Sq, D), dtype=torch.float32, device=dev))
+            else:
+                dq_acc[0].zero_()
         _attn_bwd_dkdv_kernel[(_cdiv(Sk, cfg.block_n) * B * Hkv,)](
             query, key, value, grad_out, lse, delta, grad_key, grad_value, mask_ptr, seed_ptr,
-            grad_mask if mask_grad else delta,
+            grad_mask if mask_grad else delta, dq_acc[0] if cfg.fused_dq else delta,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(),
             *grad_key.stride(), *grad_value.stride(), *ms,
             Hkv, Hq // Hkv, Sq, Sk,
             scale, qk_scale, cap_scale, window_left, window_right, dropout_p, _keep_scale(dropout_p),
             **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
-            MASK_GRAD=mask_grad, **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            MASK_GRAD=mask_grad, **flags, FUSED_DQ=cfg.fused_dq, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
     def launch_dq(cfg):
@@ -881,9 +910,21 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
             *out.stride(), *grad_out.stride(), Hq, Sq,
             DV=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_pre, HAS_DLSE=dlse is not None,
         )
-        key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, mask_grad, *flags.values())
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, mask_grad, deterministic,
+                         *flags.values())
         large = B * Hq * Sq * Sk >= _TUNE_MIN_WORK
         d, elt = max(D, Dv), query.element_size()
-        launch_dkdv(DKDV_TUNER.choose(key_, _dkdv_candidates(d, elt, on_gpu), launch_dkdv, device=dev, large=large))
-        launch_dq(DQ_TUNER.choose(key_, _dq_candidates(d, elt, on_gpu), launch_dq, device=dev, large=large))
+        dq_cfg = DQ_TUNER.choose(key_, _dq_candidates(d, elt, on_gpu), launch_dq, device=dev, large=large)
+
+        def plan(cfg):  # what a dK/dV candidate costs: itself, plus the dQ kernel unless fused
+            launch_dkdv(cfg)
+            if not cfg.fused_dq:
+                launch_dq(dq_cfg)
+
+        candidates = [c for c in _dkdv_candidates(d, elt, on_gpu) if not (c.fused_dq and deterministic)]
+        cfg = DKDV_TUNER.choose(key_, candidates, plan, device=dev, large=large)
+        plan(cfg)
+        if cfg.fused_dq:
+            grad_query.copy_(dq_acc[0])
     return grad_query, grad_key, grad_value, grad_mask
