@@ -131,6 +131,7 @@ template <typename T>
 LLMFAST_DEVICE void store_pair(T* row, int col, int ncols, float a, float b) {
   if constexpr (sizeof(T) == 2) {
     if ((ncols & 1) == 0 && col + 1 < ncols) {
+      LLMFAST_CHECK_ALIGNED(row + col, 4, "32-bit store");
       *reinterpret_cast<uint32_t*>(row + col) = mma::Element<T>::pack(a, b);
       return;
     }
@@ -603,6 +604,7 @@ LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[1][kQ / 8][
   for (int n = 0; n < kQ / 8; ++n) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      LLMFAST_CHECK_ALIGNED(sdS + (warp * 16 + g + 8 * r) * kLdS + n * 8 + 2 * t, 4, "32-bit shared store");
       *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + g + 8 * r) * kLdS + n * 8 + 2 * t) =
           mma::Element<T>::pack(ds[0][n][2 * r], ds[0][n][2 * r + 1]);
     }

@@ -61,11 +61,13 @@ struct alignas(16) Packed {
   }
   // Plain global load (data read once).
   __device__ __forceinline__ void load(const T* p) {
+    LLMFAST_CHECK_ALIGNED(p, 16, "16-byte load");
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) chunk[c] = reinterpret_cast<const uint4*>(p)[c];
   }
   // Read-only-cache load (parameters that every row reads again).
   __device__ __forceinline__ void load_ldg(const T* p) {
+    LLMFAST_CHECK_ALIGNED(p, 16, "16-byte load");
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) chunk[c] = __ldg(reinterpret_cast<const uint4*>(p) + c);
   }
@@ -100,6 +102,7 @@ struct alignas(16) Packed {
 #endif
   }
   __device__ __forceinline__ void store(T* p) const {
+    LLMFAST_CHECK_ALIGNED(p, 16, "16-byte store");
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) reinterpret_cast<uint4*>(p)[c] = chunk[c];
   }

@@ -38,6 +38,9 @@
       ::llmfast::simt::static_shared(&NAME##_shared_site, sizeof(::llmfast::device::Type<TYPE>)))
 #define LLMFAST_LAUNCH(KERNEL, GRID, BLOCK, SHARED_BYTES, ...) \
   ::llmfast::simt::launch(GRID, BLOCK, SHARED_BYTES, [&] { KERNEL(__VA_ARGS__); })
+// States that PTR is BYTES-aligned, as the access that follows needs on a GPU: checked by the
+// emulator (a kernel error if not), nothing on the GPU.
+#define LLMFAST_CHECK_ALIGNED(PTR, BYTES, WHAT) ::llmfast::simt::check_aligned(PTR, BYTES, WHAT)
 
 #else  // nvcc
 #include <cooperative_groups.h>
@@ -63,6 +66,7 @@
 #define LLMFAST_SHARED(TYPE, NAME) __shared__ ::llmfast::device::Type<TYPE> NAME
 #define LLMFAST_LAUNCH(KERNEL, GRID, BLOCK, SHARED_BYTES, ...) \
   KERNEL<<<GRID, BLOCK, SHARED_BYTES, at::cuda::getCurrentCUDAStream()>>>(__VA_ARGS__)
+#define LLMFAST_CHECK_ALIGNED(PTR, BYTES, WHAT) ((void)0)
 #endif
 
 namespace llmfast {

@@ -22,6 +22,8 @@ namespace device {
 
 LLMFAST_DEVICE void copy_async_16(void* dst_shared, const void* src_global) {
 #if defined(LLMFAST_SIMT_EMULATION)
+  LLMFAST_CHECK_ALIGNED(dst_shared, 16, "cp.async destination");
+  LLMFAST_CHECK_ALIGNED(src_global, 16, "cp.async source");
   std::memcpy(dst_shared, src_global, 16);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst_shared));
@@ -57,6 +59,7 @@ LLMFAST_DEVICE void atomic_add(float* p, float v) {
 // reduction on sm_90, two elsewhere.
 LLMFAST_DEVICE void atomic_add_pair(float* p, float a, float b) {
 #if defined(LLMFAST_SIMT_EMULATION)
+  LLMFAST_CHECK_ALIGNED(p, 8, "float2 atomic");
   p[0] += a;
   p[1] += b;
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

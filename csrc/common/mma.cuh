@@ -219,6 +219,7 @@ LLMFAST_DEVICE void mma_16x8x16(float c[4], const FragA<float>& a, const FragB<f
 template <typename T>
 LLMFAST_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const T* row) {
 #ifdef LLMFAST_SIMT_EMULATION
+  LLMFAST_CHECK_ALIGNED(row, 16, "ldmatrix row");
   const int lane = simt::lane();
   for (int i = 0; i < 4; ++i) {
     const T* src = __shfl_sync(0xFFFFFFFFu, row, i * 8 + lane / 4);
@@ -235,6 +236,7 @@ LLMFAST_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const T* row) {
 template <typename T>
 LLMFAST_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const T* row) {
 #ifdef LLMFAST_SIMT_EMULATION
+  LLMFAST_CHECK_ALIGNED(row, 16, "ldmatrix row");
   const int lane = simt::lane();
   for (int i = 0; i < 4; ++i) {
     const T* lo = __shfl_sync(0xFFFFFFFFu, row, i * 8 + 2 * (lane % 4));

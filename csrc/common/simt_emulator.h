@@ -134,6 +134,17 @@ inline void yield() {
   for (;;) yield();
 }
 
+// A GPU faults ("misaligned address") on a vector access, cp.async or ldmatrix whose address is
+// not a multiple of its size; the CPU would not. The kernels state each such access's
+// alignment (LLMFAST_CHECK_ALIGNED), and the emulator fails the kernel where it does not hold.
+inline void check_aligned(const void* p, std::size_t bytes, const char* what) {
+  if ((reinterpret_cast<std::uintptr_t>(p) % bytes) != 0) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "misaligned %s: address %p is not a multiple of %zu bytes", what, p, bytes);
+    fail(buf);
+  }
+}
+
 inline int thread_rank() {
   return static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
 }

@@ -314,6 +314,7 @@ __device__ __forceinline__ void store_slot(const RowSlots<T>& r, int V, int s, c
   const int j0 = s * VEC - r.head;
   T* dst = r.gbase + static_cast<int64_t>(s) * VEC;
   if (j0 >= 0 && j0 + VEC <= V) {
+    LLMFAST_CHECK_ALIGNED(dst, 16, "16-byte store");
     *reinterpret_cast<uint4*>(dst) = out;
   } else {
 #pragma unroll
@@ -410,6 +411,7 @@ __global__ void __launch_bounds__(kMaxThreads) ce_row_kernel(CeArgs a, int clust
   for (int i = 0; i < kSlots; ++i) {
     const int s = slot0 + i * blockDim.x;
     if (s < r.n_slots) {
+      LLMFAST_CHECK_ALIGNED(r.base + static_cast<int64_t>(s) * VEC, 16, "16-byte load");
       data[i] = *reinterpret_cast<const uint4*>(r.base + static_cast<int64_t>(s) * VEC);
     } else {
       data[i] = make_uint4(0u, 0u, 0u, 0u);
@@ -501,6 +503,7 @@ __global__ void __launch_bounds__(kLoopedThreads) ce_looped_kernel(CeArgs a) {
   const float inv_cap = a.cap > 0.0f ? 1.0f / a.cap : 0.0f;
   RowState st = empty_state();
   for (int s = threadIdx.x; s < r.n_slots; s += blockDim.x) {
+    LLMFAST_CHECK_ALIGNED(r.base + static_cast<int64_t>(s) * VEC, 16, "16-byte load");
     const uint4 v = *reinterpret_cast<const uint4*>(r.base + static_cast<int64_t>(s) * VEC);
     const int j0 = s * VEC - r.head;
     // The slot's own state, merged into the thread's (one rescale per slot, not per element).
@@ -531,7 +534,8 @@ __global__ void __launch_bounds__(kLoopedThreads) ce_looped_kernel(CeArgs a) {
   if (r.gbase != nullptr) {
     // In place (grad == logits) is safe: each element is read by the thread that overwrites it.
     for (int s = threadIdx.x; s < r.n_slots; s += blockDim.x) {
-      const uint4 v = *reinterpret_cast<const uint4*>(r.base + static_cast<int64_t>(s) * VEC);
+      LLMFAST_CHECK_ALIGNED(r.base + static_cast<int64_t>(s) * VEC, 16, "16-byte load");
+    const uint4 v = *reinterpret_cast<const uint4*>(r.base + static_cast<int64_t>(s) * VEC);
       store_slot<T>(r, a.V, s, grad_slot<T, kCap>(a, c, r, s, v, inv_cap, t));
     }
   }

@@ -617,6 +617,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_bwd_kernel(const BwdParam
           a.z += b.z;
           a.w += b.w;
         }
+        LLMFAST_CHECK_ALIGNED(p.ws_w + part * p.cols + col, 16, "16-byte store");
         *reinterpret_cast<float4*>(p.ws_w + part * p.cols + col) = a;
       }
       if (acc_b != nullptr) {
@@ -629,6 +630,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_bwd_kernel(const BwdParam
           a.z += b.z;
           a.w += b.w;
         }
+        LLMFAST_CHECK_ALIGNED(p.ws_b + part * p.cols + col, 16, "16-byte store");
         *reinterpret_cast<float4*>(p.ws_b + part * p.cols + col) = a;
       }
     }
