@@ -17,7 +17,7 @@ from . import _checks
 from . import ops as _ops  # noqa: F401  (registers the custom ops)
 from . import reference as _reference
 from .parallel import cross_entropy as _parallel_ce
-from ._backend import current_backend, resolve
+from ._backend import available_backends, current_backend, resolve
 from ._errors import BackendUnavailableError, LlmfastTypeError, LlmfastValueError
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy",
@@ -396,6 +396,9 @@ def _window(fn, window_size):
     return left, right
 
 
+_CUDA_MAX_GRID_YZ = 65535  # a CUDA grid's y and z limit (the cuda kernels put heads and batch there)
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window_size=None, softcap=None, return_lse=False):
     """As torch.nn.functional.scaled_dot_product_attention: query (..., Hq, Sq, D), key
@@ -500,6 +503,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             gap = f"query's head dim {d} is over {most}, the most the {backend} kernels take"
         elif value.shape[-1] > most:
             gap = f"value's head dim {value.shape[-1]} is over {most}, the most the {backend} kernels take"
+        batch = math.prod(query.shape[:-3])
+        if gap is None and backend == "cuda" and (batch > _CUDA_MAX_GRID_YZ or hq > _CUDA_MAX_GRID_YZ):
+            gap = (f"the cuda kernels take at most {_CUDA_MAX_GRID_YZ} batch entries and heads (their grid's y and "
+                   f"z), got {batch} and {hq}")
+            if current_backend() == "auto" and "triton" in available_backends():
+                backend, gap = "triton", None
         if gap is not None:
             if current_backend() != "auto":
                 raise BackendUnavailableError(f"llmfast {fn}: {gap}")

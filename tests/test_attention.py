@@ -262,6 +262,31 @@ def test_non_contiguous_views_of_fused_qkv(device, backend, poison):
             torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.skipif("triton" not in llmfast.available_backends(), reason="Triton is not usable here")
+def test_auto_routes_batches_over_the_cuda_grid_limit_to_triton(monkeypatch):
+    """The cuda kernels put heads and batch in the grid's y and z (at most 65535 each): under
+    'auto' a larger problem goes to the triton kernels instead of failing (limit lowered here
+    so that a small problem crosses it)."""
+    import llmfast.functional as functional
+
+    seen = []
+    original = functional._ops.attention.attention_forward
+
+    def record(backend, *args):
+        seen.append(backend)
+        return original("triton" if backend == "cuda" else backend, *args)
+
+    monkeypatch.setattr(functional, "resolve", lambda op, device, dtype: "cuda")
+    monkeypatch.setattr(functional._ops.attention, "attention_forward", record)
+    monkeypatch.setattr(functional, "_CUDA_MAX_GRID_YZ", 3)
+    q = torch.randn(2, 2, 2, 5, 16)  # batch 4 > 3
+    out = LF.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q), atol=1e-5, rtol=1e-5)
+    assert seen == ["triton"]
+    LF.scaled_dot_product_attention(q[:1], q[:1], q[:1])  # batch 2: within the limit
+    assert seen == ["triton", "cuda"]
+
+
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 def test_other_ranks_and_empty(device, backend):
     """(Hq, S, D) 3-D and (B, T, H, S, D) 5-D inputs; empty batch, Sq = 0 and Sk = 0."""

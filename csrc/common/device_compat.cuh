@@ -36,8 +36,9 @@
   static const char NAME##_shared_site = 0;                                                   \
   ::llmfast::device::Type<TYPE>& NAME = *static_cast<::llmfast::device::Type<TYPE>*>(         \
       ::llmfast::simt::static_shared(&NAME##_shared_site, sizeof(::llmfast::device::Type<TYPE>)))
-#define LLMFAST_LAUNCH(KERNEL, GRID, BLOCK, SHARED_BYTES, ...) \
-  ::llmfast::simt::launch(GRID, BLOCK, SHARED_BYTES, [&] { KERNEL(__VA_ARGS__); })
+#define LLMFAST_LAUNCH(KERNEL, GRID, BLOCK, SHARED_BYTES, ...)                                    \
+  ::llmfast::simt::launch(::llmfast::simt::kernel_id(KERNEL), GRID, BLOCK, SHARED_BYTES, \
+                          [&] { KERNEL(__VA_ARGS__); })
 // States that PTR is BYTES-aligned, as the access that follows needs on a GPU: checked by the
 // emulator (a kernel error if not), nothing on the GPU.
 #define LLMFAST_CHECK_ALIGNED(PTR, BYTES, WHAT) ::llmfast::simt::check_aligned(PTR, BYTES, WHAT)
@@ -156,7 +157,9 @@ struct DeviceGuard {
 };
 
 template <typename Kernel>
-inline void allow_shared_bytes(Kernel, int) {}
+inline void allow_shared_bytes(Kernel kernel, int bytes) {
+  if (bytes > 48 * 1024) simt::allow_shared_bytes(simt::kernel_id(kernel), static_cast<size_t>(bytes));
+}
 inline void check_launch() {}
 
 // Launches kernel(args...) on a 1-D grid; with cluster > 1 the grid is split into clusters of
@@ -164,7 +167,7 @@ inline void check_launch() {}
 template <typename... KernelArgs, typename... Args>
 void launch(void (*kernel)(KernelArgs...), unsigned grid, unsigned block, size_t smem,
             unsigned cluster, Args&&... args) {
-  simt::launch(dim3(grid), dim3(block), smem, cluster, [&] { kernel(args...); });
+  simt::launch(simt::kernel_id(kernel), dim3(grid), dim3(block), smem, cluster, [&] { kernel(args...); });
 }
 
 #else  // nvcc

@@ -444,12 +444,80 @@ inline void fiber_entry() {
   // returning resumes uc_link, the scheduler
 }
 
+// ---------------------------------------------------------------------------------------------
+// Launch limits a GPU enforces (it fails the launch with "invalid configuration argument" or
+// "invalid argument"), which the emulator checks so that a launcher breaking one fails on the
+// CPU too: grid dimensions in 1..2^31-1 (x) and 1..65535 (y, z); a block of 1..1024 threads
+// (z <= 64); dynamic shared memory over 48 KB only for a kernel that opted in to that much
+// (cudaFuncSetAttribute, device::allow_shared_bytes), and never over the emulated GPU's limit
+// (LLMFAST_EMULATED_SM: 227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89).
+// ---------------------------------------------------------------------------------------------
+constexpr size_t kDefaultDynamicSharedBytes = 48 * 1024;
+
+inline int emulated_sm() {
+  const char* v = std::getenv("LLMFAST_EMULATED_SM");
+  return v != nullptr && *v != '\0' ? std::atoi(v) : 90;
+}
+
+inline size_t max_dynamic_shared_bytes() {
+  const int sm = emulated_sm();
+  if (sm >= 90) return 227 * 1024;
+  if (sm == 80 || sm == 87) return 163 * 1024;
+  return 99 * 1024;
+}
+
+// The kernel a launch runs, as an opaque address (a function's or a function pointer's value).
+template <typename F>
+const void* kernel_id(F* f) {
+  return reinterpret_cast<const void*>(f);
+}
+
+inline std::map<const void*, size_t>& shared_opt_ins() {
+  static std::map<const void*, size_t> opt_ins;
+  return opt_ins;
+}
+
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes).
+inline void allow_shared_bytes(const void* kernel, size_t bytes) {
+  if (bytes > max_dynamic_shared_bytes()) {
+    throw std::runtime_error("llmfast simt emulator: cudaFuncSetAttribute: " + std::to_string(bytes) +
+                             " bytes of dynamic shared memory exceed sm_" + std::to_string(emulated_sm()) +
+                             "'s limit of " + std::to_string(max_dynamic_shared_bytes()));
+  }
+  shared_opt_ins()[kernel] = bytes;
+}
+
+inline void check_launch_configuration(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes) {
+  auto bad = [](const std::string& what) {
+    throw std::runtime_error("llmfast simt emulator: invalid launch configuration: " + what);
+  };
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) bad("a grid dimension is 0");
+  if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) {
+    bad("grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " + std::to_string(grid.z) +
+        ") is over (2^31 - 1, 65535, 65535)");
+  }
+  if (block.x == 0 || block.y == 0 || block.z == 0 || block.z > 64 ||
+      static_cast<uint64_t>(block.x) * block.y * block.z > 1024u) {
+    bad("block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " + std::to_string(block.z) +
+        ") is not 1..1024 threads");
+  }
+  if (shared_bytes > kDefaultDynamicSharedBytes) {
+    const auto it = kernel == nullptr ? shared_opt_ins().end() : shared_opt_ins().find(kernel);
+    const size_t allowed = it == shared_opt_ins().end() ? kDefaultDynamicSharedBytes : it->second;
+    if (shared_bytes > allowed) {
+      bad(std::to_string(shared_bytes) + " bytes of dynamic shared memory, over the " + std::to_string(allowed) +
+          " the kernel was allowed (over 48 KB needs cudaFuncSetAttribute: device::allow_shared_bytes)");
+    }
+  }
+}
+
 // Runs `body` (the kernel call) once per thread of every block of the grid. The 1-D grid is cut
 // into clusters of `cluster` consecutive blocks (grid.x a multiple of it; 1 for a plain launch).
-inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, unsigned cluster,
+// `kernel` names the kernel for the shared-memory opt-in check (nullptr: none made).
+inline void launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_bytes, unsigned cluster,
                    const std::function<void()>& body) {
+  check_launch_configuration(kernel, grid, block_dim, shared_bytes);
   const int n = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
-  if (n <= 0 || n > 1024) throw std::runtime_error("llmfast simt emulator: block size must be in 1..1024");
   if (cluster < 1 || cluster > 16 || grid.x % cluster != 0 || (cluster > 1 && grid.y * grid.z != 1)) {
     throw std::runtime_error("llmfast simt emulator: a cluster launch needs a 1-D grid that is a "
                              "multiple of the cluster size (at most 16)");
@@ -563,8 +631,9 @@ inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, unsigned clus
   finish();
 }
 
-inline void launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::function<void()>& body) {
-  launch(grid, block_dim, shared_bytes, 1, body);
+inline void launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_bytes,
+                   const std::function<void()>& body) {
+  launch(kernel, grid, block_dim, shared_bytes, 1, body);
 }
 
 }  // namespace simt

@@ -44,7 +44,7 @@ inline at::Tensor guarded_copy(const at::Tensor& t, bool after_guard, int64_t le
 inline int64_t guard_probe(const at::Tensor& t, int64_t offset) {
   const auto* p = static_cast<const volatile unsigned char*>(t.const_data_ptr()) + offset;
   int64_t value = -1;
-  launch(dim3(1), dim3(32), 0, 1, [&] {
+  launch(nullptr, dim3(1), dim3(32), 0, 1, [&] {
     if (threadIdx.x == 0) value = *p;
   });
   return value;
