@@ -8,9 +8,9 @@
 //   atomic_add(p, v)          *p += v for a float in global memory, atomically
 //   atomic_add_pair(p, a, b)  the same for p[0], p[1] (one vector reduction on sm_90)
 // A __syncthreads() after the wait makes the copies of every thread visible to the block.
-// Under LLMFAST_SIMT_EMULATION a copy completes at once (the kernels' buffer logic is still
-// exercised; only the overlap is not), and an atomic add is a plain add (one OS thread runs
-// every emulated thread).
+// Under LLMFAST_SIMT_EMULATION a copy lands only at the wait that covers it, its destination
+// NaN until then (simt_emulator.h: a missing wait or barrier shows), and an atomic add is a
+// plain add (one OS thread runs every emulated thread).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -24,7 +24,7 @@ LLMFAST_DEVICE void copy_async_16(void* dst_shared, const void* src_global) {
 #if defined(LLMFAST_SIMT_EMULATION)
   LLMFAST_CHECK_ALIGNED(dst_shared, 16, "cp.async destination");
   LLMFAST_CHECK_ALIGNED(src_global, 16, "cp.async source");
-  std::memcpy(dst_shared, src_global, 16);
+  simt::async_copy_16(dst_shared, src_global);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(dst_shared));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src_global) : "memory");
@@ -34,14 +34,18 @@ LLMFAST_DEVICE void copy_async_16(void* dst_shared, const void* src_global) {
 }
 
 LLMFAST_DEVICE void async_commit() {
-#if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LLMFAST_SIMT_EMULATION)
+  simt::async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 template <int N>
 LLMFAST_DEVICE void async_wait() {
-#if !defined(LLMFAST_SIMT_EMULATION) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(LLMFAST_SIMT_EMULATION)
+  simt::async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

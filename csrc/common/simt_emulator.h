@@ -90,6 +90,13 @@ struct Block {
   std::vector<unsigned char> static_shared;  // LLMFAST_SHARED variables
 };
 
+// A cp.async copy that has been issued and not yet waited for: its 16 bytes, read at issue.
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+  int64_t group;  // its commit group (-1: not committed yet)
+};
+
 struct Runtime {
   int nthreads = 0;  // per block
   int nblocks = 0;   // per cluster: fiber f is thread f % nthreads of block f / nthreads
@@ -110,6 +117,9 @@ struct Runtime {
   size_t static_used = 0;
   std::string error;  // set by a fiber that failed; the scheduler raises it
   std::function<void()> body;
+  // Per fiber: its cp.async copies in flight, and how many groups it has committed.
+  std::vector<std::vector<AsyncCopy>> async_pending;
+  std::vector<int64_t> async_groups;
 };
 
 inline Runtime*& runtime() {
@@ -445,6 +455,47 @@ inline void fiber_entry() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// cp.async as a GPU may run it at its slowest: a copy lands only when the issuing thread waits
+// for its group (cp.async.wait_group), and until then its destination holds NaN (0xFF bytes).
+// A kernel that reads a tile before its wait, reads another thread's copy without a barrier
+// after the wait, waits for too few groups, or overwrites a buffer that others still read,
+// then sees NaN where the GPU would (sometimes) see stale or torn data.
+// ---------------------------------------------------------------------------------------------
+inline void async_copy_16(void* dst, const void* src) {
+  Runtime& rt = *runtime();
+  AsyncCopy c;
+  c.dst = static_cast<unsigned char*>(dst);
+  std::memcpy(c.data, src, 16);
+  c.group = -1;
+  std::memset(dst, 0xFF, 16);
+  rt.async_pending[rt.current].push_back(c);
+}
+
+inline void async_commit() {
+  Runtime& rt = *runtime();
+  const int64_t group = rt.async_groups[rt.current]++;
+  for (AsyncCopy& c : rt.async_pending[rt.current]) {
+    if (c.group < 0) c.group = group;
+  }
+}
+
+// Completes this thread's copies of every committed group but the newest `n`.
+inline void async_wait(int n) {
+  Runtime& rt = *runtime();
+  const int64_t limit = rt.async_groups[rt.current] - n;
+  auto& pending = rt.async_pending[rt.current];
+  size_t kept = 0;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    if (pending[i].group >= 0 && pending[i].group < limit) {
+      std::memcpy(pending[i].dst, pending[i].data, 16);
+    } else {
+      pending[kept++] = pending[i];
+    }
+  }
+  pending.resize(kept);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launch limits a GPU enforces (it fails the launch with "invalid configuration argument" or
 // "invalid argument"), which the emulator checks so that a launcher breaking one fails on the
 // CPU too: grid dimensions in 1..2^31-1 (x) and 1..65535 (y, z); a block of 1..1024 threads
@@ -578,6 +629,8 @@ inline void launch(const void* kernel, dim3 grid, dim3 block_dim, size_t shared_
           b.alive = n;
         }
         rt.done.assign(fibers, 0);
+        rt.async_pending.assign(fibers, {});
+        rt.async_groups.assign(fibers, 0);
         rt.cluster_arrived = 0;
         for (int i = 0; i < fibers; ++i) {
           getcontext(&rt.ctx[i]);
