@@ -213,7 +213,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
             p = tl.where(keep, p * keep_scale, 0.0)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        # Accumulate in the product itself (the MMA adds into acc; no second tile of adds).
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -353,7 +354,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -463,10 +464,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, row0, offs_m[None, :], offs_n[:, None], Sk, dropout_p)
-            dv += tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dv = tl.dot(tl.where(keep, pt * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
             dpt = tl.where(keep, dpt * keep_scale, 0.0)
         else:
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         if MASK_GRAD:
             tl.store(dmask_base + rows[None, :] * stride_dmm + offs_n[:, None],
@@ -474,7 +475,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)
         dst = dst.to(qt.dtype)
-        dk += tl.dot(dst, tl.trans(qt), input_precision=DOT_PRECISION)
+        dk = tl.dot(dst, tl.trans(qt), dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:  # this key tile's share of dQ = scale * dS K, summed into fp32 by atomics
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * scale
             tl.atomic_add(dq_base + rows[:, None] * D + offs_d[None, :], dq,
