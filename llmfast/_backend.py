@@ -64,6 +64,22 @@ def _usable(name):
     return name == "reference"
 
 
+_cuda_image = {}  # CUDA device index -> whether llmfast._C has code that device runs
+
+
+def _cuda_kernels_run_on(device):
+    """Whether the CUDA kernels in llmfast._C can run on `device` (a build for sm_80 and
+    sm_90a has nothing a T4 or a Blackwell GPU can run). Asked once per device; assumed while
+    torch.compile traces (the eager call before it asked)."""
+    if torch.compiler.is_compiling():
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _cuda_image.get(index)
+    if ok is None:
+        ok = _cuda_image[index] = bool(_extension._C.cuda_kernels_run_on(index))
+    return ok
+
+
 def available_backends():
     """Names of the backends usable on this machine, fastest first."""
     return [name for name in BACKENDS if _usable(name)]
@@ -116,15 +132,19 @@ def current_backend():
 
 
 def resolve(op, device, dtype):
-    """The backend that runs `op` for an input on `device` with `dtype`."""
+    """The backend that runs `op` for an input on `device` with `dtype`. Under torch.func
+    transforms (vmap, grad, jacrev, ...) every op takes the reference path, whose plain torch
+    ops support them (the kernels' autograd Functions do not)."""
     name = _forced[-1] if _forced else _default
     if dtype not in _KERNEL_DTYPES:
+        return "reference"
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return "reference"
     if name == "auto":
         if device.type == "cuda":
             preferred = AUTO_CUDA.get(op, "triton")
             for candidate in (preferred, "cuda", "triton"):
-                if _usable(candidate):
+                if _usable(candidate) and (candidate != "cuda" or _cuda_kernels_run_on(device)):
                     return candidate
             return "reference"
         if device.type == "cpu" and _usable("cpu"):
@@ -144,5 +164,12 @@ def resolve(op, device, dtype):
         raise BackendUnavailableError(
             f"llmfast {op}: backend {name!r} cannot run on a {device.type} tensor "
             f"(cuda and triton need CUDA tensors, cpu needs CPU tensors; 'reference' runs anywhere)"
+        )
+    if name == "cuda" and not _cuda_kernels_run_on(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise BackendUnavailableError(
+            f"llmfast {op}: the CUDA kernels in llmfast._C were not built for this GPU "
+            f"({torch.cuda.get_device_name(device)}, sm_{major}{minor}); rebuild with LLMFAST_CUDA_ARCHS naming "
+            f"it, or use the 'triton' backend"
         )
     return name
