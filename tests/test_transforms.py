@@ -86,3 +86,20 @@ def test_kernels_still_run_outside_transforms(monkeypatch):
     monkeypatch.setattr(_backend.torch._C, "_are_functorch_transforms_active", lambda: seen.append(1) or True)
     assert _backend.resolve("norm", torch.device("cpu"), torch.float32) == "reference"
     assert seen
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_layers():
+    """torch.jit.trace records the ops' torch.library entries (the same graph with and without
+    grad, so the tracer's own check passes), and the traced module is differentiable."""
+    torch.manual_seed(0)
+    layer = llmfast.nn.LayerNorm(8)
+    x = torch.randn(3, 8, requires_grad=True)
+    traced = torch.jit.trace(layer, x)
+    y = traced(x)
+    torch.testing.assert_close(y, F.layer_norm(x, (8,), layer.weight, layer.bias), **TOL)
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    q = torch.randn(1, 2, 5, 8)
+    attention = torch.jit.trace(lambda q: LF.scaled_dot_product_attention(q, q, q, is_causal=True), q)
+    torch.testing.assert_close(attention(q), F.scaled_dot_product_attention(q, q, q, is_causal=True), **TOL)

@@ -121,7 +121,7 @@ def attention_forward(backend, query, key, value, attn_mask, scale, window_left,
         raise NotImplementedError(f"llmfast attention: no {backend!r} kernels (only 'triton', 'cuda', 'cpu' and "
                                   f"'reference')")
     args = (query, key, value, attn_mask, scale, window_left, window_right, softcap, dropout_p, seed)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         fwd = torch.ops.llmfast.triton_attention_fwd if backend == "triton" else torch.ops.llmfast.attention_fwd
         return fwd(*args)
     fwd_op, bwd_op = kernels(backend)

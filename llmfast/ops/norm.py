@@ -108,7 +108,7 @@ class NormFunction(torch.autograd.Function):
 def norm_forward(backend, input, residual, weight, bias, eps, rms):
     """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
     returns (out, residual_out), differentiable in eager mode and under torch.compile."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # Traced: the custom ops, with their fake kernels and registered autograd.
         fwd_op = torch.ops.llmfast.triton_norm_fwd if backend == "triton" else torch.ops.llmfast.norm_fwd
         out, residual_out, _, _ = fwd_op(input, residual, weight, bias, eps, rms)
