@@ -4,7 +4,24 @@
 #include <Python.h>
 #include <torch/extension.h>
 
+#ifdef LLMFAST_WITH_CUDA
+namespace llmfast {
+namespace cuda {
+bool kernels_run_on(int device);  // common/device_support.cu
+}  // namespace cuda
+}  // namespace llmfast
+#endif
+
 namespace {
+bool cuda_kernels_run_on(int device) {
+#ifdef LLMFAST_WITH_CUDA
+  return llmfast::cuda::kernels_run_on(device);
+#else
+  (void)device;
+  return false;
+#endif
+}
+
 bool built_with_cuda() {
 #ifdef LLMFAST_WITH_CUDA
   return true;
@@ -17,4 +34,6 @@ bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "llmfast C++/CUDA kernels (ops are under torch.ops.llmfast)";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("cuda_kernels_run_on", &cuda_kernels_run_on, py::arg("device"),
+        "True when the CUDA kernels have code (SASS or PTX) that CUDA device `device` can run");
 }

@@ -341,3 +341,29 @@ def test_llmfast_backend_environment_variable():
     env = dict(os.environ, LLMFAST_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
+
+
+def test_auto_skips_cuda_kernels_the_gpu_cannot_run(monkeypatch):
+    """On a GPU that llmfast._C has no code for (built for sm_80 and sm_90a, run on a T4 or a
+    Blackwell GPU), auto takes the triton kernels and a forced 'cuda' says why it cannot."""
+    from llmfast import _backend
+
+    monkeypatch.setattr(_backend, "_usable", lambda name: name in ("cuda", "triton", "reference"))
+    monkeypatch.setattr(_backend, "_cuda_kernels_run_on", lambda device: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    gpu = torch.device("cuda", 0)
+    for op in ("norm", "cross_entropy", "attention"):
+        assert _backend.resolve(op, gpu, torch.bfloat16) == "triton"
+    with llmfast.use_backend("cuda"), pytest.raises(llmfast.BackendUnavailableError, match="sm_75"):
+        _backend.resolve("norm", gpu, torch.bfloat16)
+    monkeypatch.setattr(_backend, "_cuda_kernels_run_on", lambda device: True)
+    assert _backend.resolve("norm", gpu, torch.bfloat16) == _backend.AUTO_CUDA["norm"]
+
+
+@pytest.mark.skipif("cuda" not in llmfast.available_backends(), reason="needs the cuda backend and a GPU")
+def test_cuda_kernels_run_on_this_gpu():
+    """The build's kernels have code for the GPU the tests run on (the probe agrees with a launch)."""
+    from llmfast import _extension
+
+    assert _extension._C.cuda_kernels_run_on(torch.cuda.current_device())
