@@ -114,7 +114,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        if self.batch_first:  # (N, L, E)
+        # Unbatched inputs are (L, E), made (L, 1, E) above: sequence-first whatever batch_first says,
+        # as in torch.
+        batch_first = self.batch_first and batched
+        if batch_first:  # (N, L, E)
             q_in, k_in, v_in = query, key, value
         else:  # (L, N, E)
             q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
@@ -156,7 +159,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0,
                                              is_causal=causal)
         out = fl(out.transpose(1, 2).reshape(N, L, E), self.out_proj.weight, self.out_proj.bias)
-        if not self.batch_first:
+        if not batch_first:
             out = out.transpose(0, 1)
         if not batched:
             out = out.squeeze(1)

@@ -517,6 +517,9 @@ def test_multihead_attention_is_drop_in(device, backend):
         dict(ctor=dict(), self_attn=False, kpm="bool", attn_mask="bool"),
         dict(ctor=dict(batch_first=True), self_attn=False, kpm="float", attn_mask="bool3d"),
         dict(ctor=dict(), self_attn=True, unbatched=True, kpm="bool"),
+        # Unbatched inputs are sequence-first whatever batch_first says (as in torch).
+        dict(ctor=dict(batch_first=True), self_attn=False, unbatched=True, kpm="bool", attn_mask="float"),
+        dict(ctor=dict(batch_first=True), self_attn=True, unbatched=True),
     ]
     for cfg in configs:
         ours = llmfast.nn.MultiheadAttention(E, H, **cfg["ctor"]).to(device)
