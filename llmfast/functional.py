@@ -197,6 +197,9 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _checks.floating(fn, "input", input)
     _checks.tensor(fn, "target", target)
     if target.dtype.is_floating_point:
+        if isinstance(ignore_index, int) and ignore_index >= 0:  # torch's rule (negative ones are unused)
+            raise LlmfastValueError(f"{fn}: ignore_index ({ignore_index}) is not supported for class-probability "
+                                    f"(floating point) targets, as in torch; leave it negative (default -100)")
         return _cross_entropy_probs(fn, input, target, weight, reduction, label_smoothing, z_loss, softcap,
                                     process_group)
     if target.dtype.is_complex:

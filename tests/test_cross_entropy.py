@@ -337,6 +337,23 @@ def test_probability_targets_extras_and_errors():
         LF.cross_entropy(x, p[:, :6])
     with pytest.raises(TypeError, match="weight"):
         LF.cross_entropy(x, p, weight=torch.ones(7, dtype=torch.int64))
+    # torch refuses a non-negative ignore_index with probability targets (and ignores negative ones)
+    with pytest.raises(ValueError, match="ignore_index"):
+        LF.cross_entropy(x, p, ignore_index=0)
+    torch.testing.assert_close(LF.cross_entropy(x, p, ignore_index=-1), torch.nn.functional.cross_entropy(x, p))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_uint8_class_targets(device, backend):
+    """torch accepts uint8 class indices for an unbatched or (N, C) input; so does every backend."""
+    torch.manual_seed(5)
+    x = torch.randn(6, 9, device=device)
+    t = torch.randint(0, 9, (6,), device=device)
+    with llmfast.use_backend(backend):
+        got = LF.cross_entropy(x, t.to(torch.uint8), label_smoothing=0.1)
+        got1 = LF.cross_entropy(x[0], t[0].to(torch.uint8))
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(x, t, label_smoothing=0.1))
+    torch.testing.assert_close(got1, torch.nn.functional.cross_entropy(x[0], t[0]))
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     # Class dimension last, tokens flattened: (M, C) logits, (M,) targets.
     n_classes = x.shape[1] if x.dim() >= 2 else x.shape[0]
     x2 = (x.movedim(1, -1) if x.dim() >= 2 else x).reshape(-1, n_classes)
-    t = target.reshape(-1)
+    t = target.reshape(-1).long()
 
     lse = torch.logsumexp(x2, dim=-1)
     logp = x2 - lse[:, None]
