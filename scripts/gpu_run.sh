@@ -48,6 +48,10 @@ if [ "$run_tests" = 1 ]; then
   start=$(date +%s)
   # The emulated-CUDA tests are for machines without a GPU; here the real kernels run.
   skip=(--ignore=tests/test_cuda_emulation.py --ignore=tests/test_cuda_emulation_ops.py)
+  # Tile tuning (llmfast/triton/_tuning.py) would compile every candidate for each large test
+  # problem; the tests check the default tiles, tests/test_triton_tuning.py every candidate and
+  # one real tuning run. The benchmark below tunes.
+  export LLMFAST_TRITON_AUTOTUNE=0
   if [ -n "$kexpr" ]; then
     python3 -m pytest tests -q -x -rf -p no:cacheprovider "${skip[@]}" -k "$kexpr" > "$OUT/tests.log" 2>&1
   else
@@ -59,6 +63,7 @@ if [ "$run_tests" = 1 ]; then
 fi
 
 if [ "$run_bench" = 1 ]; then
+  export LLMFAST_TRITON_AUTOTUNE=1
   start=$(date +%s)
   python3 -m llmfast.bench "${ops[@]}" --out benchmarks/results > "$OUT/bench.log" 2>&1
   echo "bench: exit $? in $(( $(date +%s) - start )) s"
