@@ -260,3 +260,24 @@ def test_tuning_on_the_gpu(monkeypatch):
     torch.testing.assert_close(out.float(), gold, atol=2e-2, rtol=2e-2)
     for a, g in zip(grads, gold_grads):
         torch.testing.assert_close(a.float(), g.float(), atol=5e-2, rtol=5e-2)
+
+
+@needs_triton
+def test_launch_falls_back_to_a_configuration_that_fits():
+    """A configuration over the GPU's shared memory (Triton raises OutOfResources before
+    launching) gives way to the next candidate that fits, which is then kept for the class."""
+    tuner = _tuning.Tuner("test")
+    ran = []
+
+    def launch(cfg):
+        if cfg in ("big", "bigger"):
+            raise _Unfit()
+        ran.append(cfg)
+
+    assert tuner.launch_fitting("k", "big", ["big", "bigger", "small", "tiny"], launch) == "small"
+    assert ran == ["small"] and tuner.chosen() == {"k": "small"}
+    assert tuner.launch_fitting("k", "tiny", ["big", "tiny"], launch) == "tiny"
+    with pytest.raises(_tuning.UNFIT_ERRORS):
+        tuner.launch_fitting("k2", "big", ["big", "bigger"], launch)
+    with tuner.forced("big"), pytest.raises(_tuning.UNFIT_ERRORS):
+        tuner.launch_fitting("k3", "big", ["big", "small"], launch)  # a forced tile is not replaced

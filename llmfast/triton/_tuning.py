@@ -11,6 +11,10 @@ not possible, take the first candidate (the launcher's heuristic choice) without
 Timing reruns the launch, so a tuned launch must be idempotent: it only writes its outputs and
 never reads them (true of the attention kernels, which store every output element they own).
 
+A configuration that does not fit the GPU (Triton's OutOfResources: more shared memory than
+the device has) is never fatal: Tuner.launch_fitting falls back to the next candidate that fits
+and remembers it, so tables sized for the H100 also run on GPUs with less shared memory.
+
 Switches:
 - env LLMFAST_TRITON_AUTOTUNE=0 turns measuring off (every call takes the first candidate);
 - `Tuner.forced(config)` (tests) makes every launch of that kernel use one configuration;
@@ -101,6 +105,32 @@ class Tuner:
         self._cache[key] = best
         self._timings[key] = timings
         return best
+
+    def launch_fitting(self, key: Hashable, config, candidates: Sequence, launch: Callable[[object], None]):
+        """Launches `config`; if it does not fit this GPU (shared memory over the limit: the
+        defaults are sized for the H100's 227 KB, an RTX 4090 or L4 has 99 KB), launches the
+        first candidate that does instead and remembers it for the class. Returns the
+        configuration that ran. (Triton checks the fit before launching: nothing was written.)"""
+        try:
+            launch(config)
+            return config
+        except UNFIT_ERRORS:
+            if self._forced:
+                raise
+            last = None
+            for other in candidates:
+                if other == config:
+                    continue
+                try:
+                    launch(other)
+                except UNFIT_ERRORS as exc:
+                    last = exc
+                    continue
+                self._cache[key] = other
+                return other
+            if last is None:
+                raise
+            raise last
 
     def _can_measure(self, device: torch.device) -> bool:
         if not autotune_enabled() or device.type != "cuda":

@@ -825,9 +825,9 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
 
     with _device_ctx(dev):
         key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, *flags.values())
-        cfg = FWD_TUNER.choose(key_, _fwd_candidates(max(D, Dv), query.element_size(), dev.type == "cuda"),
-                               launch, device=dev, large=B * Hq * Sq * Sk >= _TUNE_MIN_WORK)
-        launch(cfg)
+        candidates = _fwd_candidates(max(D, Dv), query.element_size(), dev.type == "cuda")
+        cfg = FWD_TUNER.choose(key_, candidates, launch, device=dev, large=B * Hq * Sq * Sk >= _TUNE_MIN_WORK)
+        FWD_TUNER.launch_fitting(key_, cfg, candidates, launch)
     return out, lse
 
 
@@ -916,7 +916,8 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
                          *flags.values())
         large = B * Hq * Sq * Sk >= _TUNE_MIN_WORK
         d, elt = max(D, Dv), query.element_size()
-        dq_cfg = DQ_TUNER.choose(key_, _dq_candidates(d, elt, on_gpu), launch_dq, device=dev, large=large)
+        dq_candidates = _dq_candidates(d, elt, on_gpu)
+        dq_cfg = DQ_TUNER.choose(key_, dq_candidates, launch_dq, device=dev, large=large)
 
         def plan(cfg):  # what a dK/dV candidate costs: itself, plus the dQ kernel unless fused
             launch_dkdv(cfg)
@@ -925,7 +926,9 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
 
         candidates = [c for c in _dkdv_candidates(d, elt, on_gpu) if not (c.fused_dq and deterministic)]
         cfg = DKDV_TUNER.choose(key_, candidates, plan, device=dev, large=large)
-        plan(cfg)
+        cfg = DKDV_TUNER.launch_fitting(key_, cfg, candidates, launch_dkdv)
         if cfg.fused_dq:
             grad_query.copy_(dq_acc[0])
+        else:
+            DQ_TUNER.launch_fitting(key_, dq_cfg, dq_candidates, launch_dq)
     return grad_query, grad_key, grad_value, grad_mask
