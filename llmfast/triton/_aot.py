@@ -222,6 +222,7 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80, 86, 89, 90)")
     parser.add_argument("--ops", default="attention,norm,cross_entropy")
     parser.add_argument("--candidates", action="store_true", help="every tuning candidate (attention)")
+    parser.add_argument("--only", default="", help="only launches whose label contains this text")
     parser.add_argument("--json", help="write the results to this file ('-': standard output)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -229,6 +230,8 @@ def main(argv=None):
     limit = SHARED_LIMIT.get(args.arch, SHARED_LIMIT[80])
     results = []
     for label, fn, fargs, kwargs in collect(tuple(args.ops.split(",")), args.candidates):
+        if args.only not in label:
+            continue
         start = time.time()
         try:
             usage = resource_usage(compile_launch(fn, fargs, kwargs, args.arch))

@@ -594,23 +594,24 @@ def _fwd_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
 
     The default is FlashAttention-2's shape: 128 queries per program keep the tensor cores
     fed; the (128, d) fp32 accumulator is 64 registers a thread for d = 128 with 8 warps;
-    d = 256 halves the query tile to stay out of spills; fp32 inputs halve the tiles (twice
-    the shared memory per element). The alternatives span what Triton's own Hopper tutorial
-    searches (64/128 queries, 32-128 keys, 4/8 warps, 2-4 stages)."""
+    d = 256 halves the query tile to stay out of spills. The alternatives span what Triton's
+    own Hopper tutorial searches (64/128 queries, 32-128 keys, 4/8 warps, 2-4 stages), minus
+    the shapes that spill registers when compiled for sm_90 (python -m llmfast.triton._aot
+    --candidates; tests/test_triton_compile.py). fp32 inputs (exact products on the CUDA
+    cores, no tensor cores) take small tiles: larger ones spill kilobytes a thread."""
     if not on_gpu:
         return [_Config(*_INTERPRET_TILES, 1, 1)]
     if elt == 4:
         if d <= 128:
-            return [_Config(64, 32, 4, 2), _Config(32, 32, 4, 2), _Config(64, 64, 4, 2), _Config(64, 32, 8, 2)]
-        return [_Config(32, 32, 4, 2), _Config(64, 32, 4, 2), _Config(32, 16, 4, 2)]
+            return [_Config(64, 16, 8, 2), _Config(32, 16, 4, 2), _Config(16, 64, 4, 2)]
+        return [_Config(32, 16, 8, 2), _Config(16, 16, 4, 2), _Config(16, 32, 8, 2)]
     if d <= 64:
         return [_Config(128, 64, 4, 3), _Config(128, 128, 8, 3), _Config(128, 64, 4, 4), _Config(64, 64, 4, 3),
-                _Config(128, 32, 4, 3), _Config(128, 128, 4, 3)]
+                _Config(128, 32, 4, 3)]
     if d <= 128:
-        return [_Config(128, 64, 8, 3), _Config(128, 128, 8, 3), _Config(128, 64, 4, 3), _Config(128, 64, 8, 4),
-                _Config(64, 64, 4, 3), _Config(128, 32, 8, 3)]
-    return [_Config(64, 32, 4, 2), _Config(64, 64, 4, 2), _Config(128, 32, 8, 2), _Config(64, 64, 8, 2),
-            _Config(128, 64, 8, 2)]
+        return [_Config(128, 64, 8, 3), _Config(128, 128, 8, 3), _Config(128, 64, 8, 4), _Config(64, 64, 4, 3),
+                _Config(128, 32, 8, 3)]
+    return [_Config(64, 32, 4, 2), _Config(128, 32, 8, 2), _Config(64, 64, 8, 2), _Config(128, 64, 8, 2)]
 
 
 def _dkdv_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
@@ -625,17 +626,17 @@ def _dkdv_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
     if not on_gpu:
         return [_Config(*_INTERPRET_TILES, 1, 1)]
     if elt == 4:
-        return [_Config(32, 32, 4, 2), _Config(16, 32, 4, 2), _Config(32, 64, 4, 2)]
+        if d <= 128:
+            return [_Config(32, 32, 8, 2), _Config(16, 32, 4, 2), _Config(16, 32, 8, 2)]
+        return [_Config(16, 32, 8, 2), _Config(16, 16, 4, 2)]
     if d <= 64:
-        return [_Config(64, 64, 4, 3), _Config(32, 64, 4, 3), _Config(64, 128, 8, 2), _Config(32, 128, 4, 3),
-                _Config(64, 64, 8, 2), _Config(32, 128, 8, 3),
-                _Config(64, 128, 8, 2, True), _Config(64, 64, 4, 3, True), _Config(32, 128, 4, 3, True)]
+        return [_Config(64, 64, 4, 3), _Config(32, 64, 4, 3), _Config(64, 128, 8, 2), _Config(64, 64, 8, 2),
+                _Config(32, 128, 8, 3),
+                _Config(64, 128, 8, 2, True), _Config(64, 64, 4, 3, True)]
     if d <= 128:
-        return [_Config(64, 64, 8, 2), _Config(32, 64, 4, 2), _Config(64, 128, 8, 2), _Config(32, 128, 8, 2),
-                _Config(64, 64, 4, 2), _Config(32, 64, 4, 3),
-                _Config(64, 128, 8, 2, True), _Config(64, 64, 8, 2, True), _Config(32, 128, 8, 2, True)]
-    return [_Config(32, 32, 4, 2), _Config(32, 64, 4, 2), _Config(64, 32, 4, 2), _Config(32, 64, 8, 2),
-            _Config(32, 64, 4, 2, True)]
+        return [_Config(64, 64, 8, 2), _Config(32, 64, 4, 2), _Config(32, 128, 8, 2), _Config(32, 64, 4, 3),
+                _Config(64, 64, 8, 2, True), _Config(32, 128, 8, 2, True)]
+    return [_Config(32, 32, 4, 2), _Config(32, 64, 8, 2), _Config(32, 64, 8, 2, True)]
 
 
 def _dq_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
@@ -643,14 +644,16 @@ def _dq_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
     if not on_gpu:
         return [_Config(*_INTERPRET_TILES, 1, 1)]
     if elt == 4:
-        return [_Config(32, 32, 4, 2), _Config(64, 32, 4, 2), _Config(32, 16, 4, 2)]
+        if d <= 128:
+            return [_Config(32, 32, 8, 2), _Config(16, 32, 4, 2), _Config(32, 16, 4, 2)]
+        return [_Config(16, 32, 8, 2), _Config(16, 16, 4, 2)]
     if d <= 64:
         return [_Config(64, 64, 4, 3), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 4, 3),
                 _Config(64, 64, 8, 2), _Config(128, 64, 8, 3)]
     if d <= 128:
         return [_Config(64, 64, 8, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 2),
-                _Config(64, 64, 4, 2), _Config(128, 32, 4, 3)]
-    return [_Config(32, 32, 4, 2), _Config(64, 32, 4, 2), _Config(32, 64, 4, 2)]
+                _Config(64, 64, 4, 2)]
+    return [_Config(32, 32, 4, 2), _Config(32, 64, 4, 2)]
 
 
 # One tuner per kernel: what each problem class runs with (see _tuning.Tuner). A problem is
