@@ -63,3 +63,9 @@ def test_default_attention_tiles_compile_for_the_a100():
     over = [r["label"] for r in results if not r["fits"]]
     assert not over, f"over the A100's shared memory: {over}"
     assert all(r["mma"] in ("mma.sync", "none") for r in results)
+
+
+def test_norm_and_cross_entropy_compile_for_the_a100():
+    results = _compile("--arch", "80", "--ops", "norm,cross_entropy")
+    assert len(results) > 20 and not [r for r in results if r["error"]]
+    assert all(r["fits"] for r in results)
