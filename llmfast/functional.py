@@ -402,6 +402,19 @@ def _window(fn, window_size):
 _CUDA_MAX_GRID_YZ = 65535  # a CUDA grid's y and z limit (the cuda kernels put heads and batch there)
 
 
+def _attention_gap(backend, d, dv, batch, hq):
+    """Why `backend`'s attention kernels cannot take this problem, or None."""
+    most = _ops.attention.TRITON_MAX_HEAD_DIM if backend == "triton" else _ops.attention.CUDA_MAX_HEAD_DIM
+    if d > most:
+        return f"query's head dim {d} is over {most}, the most the {backend} kernels take"
+    if dv > most:
+        return f"value's head dim {dv} is over {most}, the most the {backend} kernels take"
+    if backend == "cuda" and (batch > _CUDA_MAX_GRID_YZ or hq > _CUDA_MAX_GRID_YZ):
+        return (f"the cuda kernels take at most {_CUDA_MAX_GRID_YZ} batch entries and heads (their grid's y and z), "
+                f"got {batch} and {hq}")
+    return None
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window_size=None, softcap=None, return_lse=False):
     """As torch.nn.functional.scaled_dot_product_attention: query (..., Hq, Sq, D), key
@@ -500,22 +513,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     backend = resolve("attention", query.device, query.dtype)
     if backend in ("triton", "cuda"):
-        most = _ops.attention.TRITON_MAX_HEAD_DIM if backend == "triton" else _ops.attention.CUDA_MAX_HEAD_DIM
-        gap = None
-        if d > most:
-            gap = f"query's head dim {d} is over {most}, the most the {backend} kernels take"
-        elif value.shape[-1] > most:
-            gap = f"value's head dim {value.shape[-1]} is over {most}, the most the {backend} kernels take"
-        batch = math.prod(query.shape[:-3])
-        if gap is None and backend == "cuda" and (batch > _CUDA_MAX_GRID_YZ or hq > _CUDA_MAX_GRID_YZ):
-            gap = (f"the cuda kernels take at most {_CUDA_MAX_GRID_YZ} batch entries and heads (their grid's y and "
-                   f"z), got {batch} and {hq}")
-            if current_backend() == "auto" and "triton" in available_backends():
-                backend, gap = "triton", None
+        problem = (d, value.shape[-1], math.prod(query.shape[:-3]), hq)
+        gap = _attention_gap(backend, *problem)
         if gap is not None:
             if current_backend() != "auto":
                 raise BackendUnavailableError(f"llmfast {fn}: {gap}")
-            backend = "reference"
+            # auto: triton if it takes what cuda cannot, else the reference path
+            takes = backend == "cuda" and "triton" in available_backends() and _attention_gap("triton", *problem) is None
+            backend = "triton" if takes else "reference"
     if backend == "reference":
         return _reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,

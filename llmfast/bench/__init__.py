@@ -169,9 +169,7 @@ def _tuning_extra(op):
     this GPU), stored beside the timings so the choice can be read back and written down."""
     if op != "attention":
         return None
-    import sys
-
-    module = sys.modules.get("llmfast.triton.attention")
+    module = sys.modules.get("llmfast.triton.attention")  # imported only if the triton backend ran
     report_ = module.tuning_report() if module is not None else []
     return {"triton_tuning": report_} if report_ else None
 

@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.nn import functional as TF
 
 from .. import nn as lnn
+from ..reference.gpt import MLP  # plain torch (no llmfast op in it), shared with the twin
 from ._common import add_norm, lm_loss
 
 __all__ = ["GPTConfig", "GPT", "Block", "MLP"]
@@ -44,18 +45,6 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in the Linears and LayerNorms, as GPT-2; False is a bit better and faster
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):

@@ -132,6 +132,13 @@ class Tuner:
                 raise
             raise last
 
+    def run(self, key: Hashable, candidates: Sequence, launch: Callable[[object], None], *,
+            device: torch.device, large: bool, measure: Optional[Callable[[object], None]] = None):
+        """choose() (timing `measure`, default `launch`), then launch_fitting(): the one call a
+        launcher makes per kernel. Returns the configuration that ran."""
+        config = self.choose(key, candidates, measure or launch, device=device, large=large)
+        return self.launch_fitting(key, config, candidates, launch)
+
     def _can_measure(self, device: torch.device) -> bool:
         if not autotune_enabled() or device.type != "cuda":
             return False
@@ -154,7 +161,3 @@ class Tuner:
     def timings(self, key: Hashable) -> Optional[Dict[object, float]]:
         """{configuration: ms} measured for one problem class, or None."""
         return self._timings.get(key)
-
-    def clear(self) -> None:
-        self._cache.clear()
-        self._timings.clear()

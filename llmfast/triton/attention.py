@@ -668,6 +668,18 @@ DQ_TUNER = Tuner("attention_bwd_dq")
 _TUNE_MIN_WORK = 1 << 24
 
 
+class _TuneKey(NamedTuple):
+    """A problem class of the tuners: exact head dims, dtype and flags; lengths by power-of-two
+    bucket (so a new sequence length in the same bucket reuses the choice)."""
+    D: int
+    Dv: int
+    dtype: torch.dtype
+    gqa: bool
+    sq_log2: int
+    sk_log2: int
+    flags: tuple
+
+
 def tuning_report():
     """What the attention tuners picked in this process, for the benchmark report: one entry
     per kernel and problem class with the chosen tiles and every candidate's measured time."""
@@ -677,8 +689,9 @@ def tuning_report():
             timings = tuner.timings(key) or {}
             entries.append({
                 "kernel": tuner.name,
-                "problem": {"D": key[0], "Dv": key[1], "dtype": str(key[2]).replace("torch.", ""), "gqa": key[3],
-                            "Sq_bucket": 1 << key[4], "Sk_bucket": 1 << key[5], "flags": [str(f) for f in key[6:]]},
+                "problem": {"D": key.D, "Dv": key.Dv, "dtype": str(key.dtype).replace("torch.", ""), "gqa": key.gqa,
+                            "Sq_bucket": 1 << key.sq_log2, "Sk_bucket": 1 << key.sk_log2,
+                            "flags": [str(f) for f in key.flags]},
                 "chosen": cfg._asdict(),
                 "candidates_ms": [dict(c._asdict(), ms=round(ms, 4)) for c, ms in sorted(timings.items(),
                                                                                           key=lambda kv: kv[1])],
@@ -687,9 +700,7 @@ def tuning_report():
 
 
 def _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, dtype, *flags):
-    """The problem class: exact head dims, dtype and flags; lengths by power-of-two bucket (so
-    a new sequence length in the same bucket reuses the choice)."""
-    return (D, Dv, dtype, Hq != Hkv, (max(Sq, 1) - 1).bit_length(), (max(Sk, 1) - 1).bit_length(), *flags)
+    return _TuneKey(D, Dv, dtype, Hq != Hkv, (max(Sq, 1) - 1).bit_length(), (max(Sk, 1) - 1).bit_length(), flags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,9 +842,8 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
 
     with _device_ctx(dev):
         key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, *flags.values())
-        candidates = _fwd_candidates(max(D, Dv), query.element_size(), dev.type == "cuda")
-        cfg = FWD_TUNER.choose(key_, candidates, launch, device=dev, large=B * Hq * Sq * Sk >= _TUNE_MIN_WORK)
-        FWD_TUNER.launch_fitting(key_, cfg, candidates, launch)
+        FWD_TUNER.run(key_, _fwd_candidates(max(D, Dv), query.element_size(), dev.type == "cuda"), launch,
+                      device=dev, large=B * Hq * Sq * Sk >= _TUNE_MIN_WORK)
     return out, lse
 
 
@@ -931,8 +941,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
                 launch_dq(dq_cfg)
 
         candidates = [c for c in _dkdv_candidates(d, elt, on_gpu) if not (c.fused_dq and deterministic)]
-        cfg = DKDV_TUNER.choose(key_, candidates, plan, device=dev, large=large)
-        cfg = DKDV_TUNER.launch_fitting(key_, cfg, candidates, launch_dkdv)
+        cfg = DKDV_TUNER.run(key_, candidates, launch_dkdv, device=dev, large=large, measure=plan)
         if cfg.fused_dq:
             grad_query.copy_(dq_acc[0])
         else:
