@@ -140,12 +140,8 @@ constexpr c10::DeviceType kTensorDevice = c10::DeviceType::CPU;
 //   LLMFAST_EMULATED_SM        compute capability as major * 10 + minor (default 90: clusters)
 //   LLMFAST_EMULATED_SM_COUNT  multiprocessors (default 1: persistent grids stay small, so
 //                              their blocks loop over several row groups)
-inline int emulated_setting(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
-}
-inline bool clusters_supported() { return emulated_setting("LLMFAST_EMULATED_SM", 90) >= 90; }
-inline int sm_count() { return std::max(1, emulated_setting("LLMFAST_EMULATED_SM_COUNT", 1)); }
+inline bool clusters_supported() { return simt::emulated_sm() >= 90; }
+inline int sm_count() { return std::max(1, simt::emulated_setting("LLMFAST_EMULATED_SM_COUNT", 1)); }
 // How many clusters of `cluster` blocks fit on the device at once: 2 blocks per SM.
 template <typename Kernel>
 int64_t resident_clusters(Kernel, int /*block*/, size_t /*smem*/, int cluster) {
@@ -158,7 +154,9 @@ struct DeviceGuard {
 
 template <typename Kernel>
 inline void allow_shared_bytes(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) simt::allow_shared_bytes(simt::kernel_id(kernel), static_cast<size_t>(bytes));
+  if (static_cast<size_t>(bytes) > simt::kDefaultDynamicSharedBytes) {
+    simt::allow_shared_bytes(simt::kernel_id(kernel), static_cast<size_t>(bytes));
+  }
 }
 inline void check_launch() {}
 

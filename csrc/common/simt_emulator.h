@@ -33,7 +33,12 @@
 // Errors inside a kernel (a shuffle from a lane outside the warp, a deadlock, a map to a block
 // outside the cluster, an access to a guard page) are raised as std::runtime_error from the
 // launch.
-// Not emulated: timing, memory ordering between blocks, asynchronous copies (done at once).
+//   cp.async (async_copy_16 / commit / wait)      a copy lands at the wait that covers it; its
+//                                                 destination is NaN until then
+//   alignment, launch limits                      misaligned vector accesses (check_aligned),
+//                                                 bad grids or blocks, shared memory over the
+//                                                 opt-in or the emulated GPU's limit: errors
+// Not emulated: timing, memory ordering between blocks.
 #pragma once
 #ifndef LLMFAST_SIMT_EMULATION
 #error "simt_emulator.h is for LLMFAST_SIMT_EMULATION builds only"
@@ -505,10 +510,15 @@ inline void async_wait(int n) {
 // ---------------------------------------------------------------------------------------------
 constexpr size_t kDefaultDynamicSharedBytes = 48 * 1024;
 
-inline int emulated_sm() {
-  const char* v = std::getenv("LLMFAST_EMULATED_SM");
-  return v != nullptr && *v != '\0' ? std::atoi(v) : 90;
+// An integer setting of the emulated device from the environment (read at every use, so tests
+// can switch it): LLMFAST_EMULATED_SM, LLMFAST_EMULATED_SM_COUNT (device_compat.cuh).
+inline int emulated_setting(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
 }
+
+// The emulated compute capability, major * 10 + minor (default 90: an H100).
+inline int emulated_sm() { return emulated_setting("LLMFAST_EMULATED_SM", 90); }
 
 inline size_t max_dynamic_shared_bytes() {
   const int sm = emulated_sm();
