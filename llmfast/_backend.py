@@ -19,6 +19,7 @@ import importlib.util
 import os
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _extension
 from ._errors import BackendUnavailableError
@@ -133,12 +134,15 @@ def current_backend():
 
 def resolve(op, device, dtype):
     """The backend that runs `op` for an input on `device` with `dtype`. Under torch.func
-    transforms (vmap, grad, jacrev, ...) every op takes the reference path, whose plain torch
-    ops support them (the kernels' autograd Functions do not)."""
+    transforms (vmap, grad, jacrev, ...) and forward-mode AD (torch.autograd.forward_ad dual
+    levels) every op takes the reference path, whose plain torch ops support them (the kernels'
+    autograd Functions do not: they would drop the tangents)."""
     name = _forced[-1] if _forced else _default
     if dtype not in _KERNEL_DTYPES:
         return "reference"
-    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+    if not torch.compiler.is_compiling() and (
+        torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+    ):
         return "reference"
     if name == "auto":
         if device.type == "cuda":

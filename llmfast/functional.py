@@ -10,8 +10,11 @@ The backend is chosen per call (see llmfast.use_backend); every backend computes
 llmfast.reference computes.
 """
 import math
+import numbers
 
 import torch
+from torch.nn.attention.bias import CausalBias as _CausalBias
+from torch.nn.attention.bias import CausalVariant as _CausalVariant
 
 from . import _checks
 from . import ops as _ops  # noqa: F401  (registers the custom ops)
@@ -25,18 +28,28 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_en
 
 
 # --- normalization ------------------------------------------------------------------------------
-def _check_param(fn, name, param, normalized_shape, input):
+def _check_param(fn, name, param, normalized_shape, input, rms):
     if not isinstance(param, torch.Tensor):
         _checks.tensor(fn, name, param)
     if param.shape != normalized_shape:
         raise LlmfastValueError(
             f"{fn}: {name} must have shape {tuple(normalized_shape)} (normalized_shape), got {tuple(param.shape)}"
         )
-    if param.dtype is not input.dtype and param.dtype is not torch.float32:
+    if rms:  # torch's rms_norm takes a weight of any floating (or, for complex input, complex) dtype
+        if not (param.dtype.is_floating_point or (param.dtype.is_complex and input.dtype.is_complex)):
+            _checks.floating(fn, name, param)
+    elif param.dtype is not input.dtype and param.dtype is not torch.float32:
         _checks.floating(fn, name, param)
         raise LlmfastTypeError(f"{fn}: {name} must have input's dtype ({input.dtype}) or float32, got {param.dtype}")
     if param.device != input.device:
         _checks.same_device(fn, name, param, "input", input)
+
+
+def _params_fit_kernels(input, weight, bias):
+    """The kernels take parameters in the input's dtype or float32 (mixed precision), one dtype
+    for both; other combinations that torch accepts take the reference path."""
+    dtypes = {p.dtype for p in (weight, bias) if p is not None}
+    return not dtypes or (len(dtypes) == 1 and dtypes <= {input.dtype, torch.float32})
 
 
 def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
@@ -44,7 +57,8 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
     The checks are ordered so the common, valid call pays for few of them (this runs on every
     call of every norm layer)."""
     if not isinstance(input, torch.Tensor) or input.dtype not in _checks.FLOATING:
-        _checks.floating(fn, "input", input)
+        if not (rms and isinstance(input, torch.Tensor) and input.is_complex()):  # torch's rms_norm takes complex
+            _checks.floating(fn, "input", input)
     if type(normalized_shape) is not tuple:
         normalized_shape = _checks.shape_tuple(fn, "normalized_shape", normalized_shape)
     shape = input.shape
@@ -62,18 +76,20 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
             raise LlmfastTypeError(f"{fn}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
         _checks.same_device(fn, "residual", residual, "input", input)
     if weight is not None:
-        _check_param(fn, "weight", weight, normalized_shape, input)
+        _check_param(fn, "weight", weight, normalized_shape, input, rms)
     if bias is not None:
-        _check_param(fn, "bias", bias, normalized_shape, input)
-        if weight is not None and weight.dtype != bias.dtype:
+        _check_param(fn, "bias", bias, normalized_shape, input, rms)
+        if weight is not None and weight.dtype != bias.dtype and not rms:
             raise LlmfastTypeError(f"{fn}: bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    if eps is None:
-        eps = torch.finfo(input.dtype).eps
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise LlmfastValueError(f"{fn}: eps must be a non-negative number, got {eps!r}")
-    eps = float(eps)
+    if eps is None:  # torch's default: the epsilon of the computation dtype (float32 for 16-bit inputs)
+        eps = _reference.norm.default_rms_eps(input.dtype)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise LlmfastTypeError(f"{fn}: eps must be a real number, got {eps!r}")
+    eps = float(eps)  # any value, as torch (a negative one is the caller's business)
 
     backend = resolve("norm", input.device, input.dtype)
+    if shape.numel() == 0 or not _params_fit_kernels(input, weight, bias):
+        backend = "reference"  # nothing to normalize, or parameter dtypes the kernels do not take
     if backend == "reference":
         if rms:
             return _reference.add_rms_norm(input, residual, normalized_shape, weight, eps, bias) if residual is not None \
@@ -92,7 +108,8 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
         w1d = w1d.contiguous()
     if b1d is not None and not b1d.is_contiguous():
         b1d = b1d.contiguous()
-    out, residual_out = _ops.norm.norm_forward(backend, x2d, r2d, w1d, b1d, eps, rms)
+    out, residual_out = _ops.norm.norm_forward(backend, x2d, r2d, w1d, b1d, eps, rms,
+                                               (input, residual) if residual is not None else None)
     out = out.view(shape)
     return out, (residual_out.view(shape) if residual is not None else None)
 
@@ -103,7 +120,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, bias=None):
-    """As torch.nn.functional.rms_norm (eps=None means torch.finfo(input.dtype).eps).
+    """As torch.nn.functional.rms_norm (eps=None means torch's default: the machine epsilon of the
+    computation dtype, torch.finfo(torch.float32).eps for float16 / bfloat16 / float32 input).
     Keyword-only `bias` is an extension: added after scaling, as some models use."""
     return _norm("rms_norm", input, None, normalized_shape, weight, bias, eps, rms=True)[0]
 
@@ -129,17 +147,17 @@ def _number(fn, name, value, ok, expected):
 
 
 def _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap):
-    """Checks the options cross_entropy and linear_cross_entropy share; returns the numbers as
-    floats (label_smoothing, z_loss, softcap)."""
+    """Checks the options cross_entropy and linear_cross_entropy share; returns them as Python
+    numbers (ignore_index, label_smoothing, z_loss, softcap)."""
     if reduction not in _REDUCTION_CODES:
         raise LlmfastValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
     label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
     if softcap is not None:
         softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
-    return label_smoothing, z_loss, softcap
+    return int(ignore_index), label_smoothing, z_loss, softcap
 
 
 def _cross_entropy_probs(fn, input, target, weight, reduction, label_smoothing, z_loss, softcap, process_group):
@@ -159,14 +177,16 @@ def _cross_entropy_probs(fn, input, target, weight, reduction, label_smoothing, 
         if tuple(weight.shape) != (n_classes,):
             raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
         _checks.same_device(fn, "weight", weight, "input", input)
-    label_smoothing, z_loss, softcap = _loss_options(fn, reduction, -100, label_smoothing, z_loss, softcap)
+    _, label_smoothing, z_loss, softcap = _loss_options(fn, reduction, -100, label_smoothing, z_loss, softcap)
     return _reference.cross_entropy_probs(input, target, weight, reduction, label_smoothing, z_loss=z_loss,
                                           softcap=softcap)
 
 
-def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *,
-                  z_loss=0.0, softcap=None, inplace_backward=False, process_group=None):
-    """As torch.nn.functional.cross_entropy with class-index targets: logits (C,), (N, C) or
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                  label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False, process_group=None):
+    """As torch.nn.functional.cross_entropy (the same positional signature, including the
+    deprecated size_average / reduce, which override reduction as in torch) with class-index
+    targets: logits (C,), (N, C) or
     (N, C, d1, ...), target (), (N,) or (N, d1, ...); the same values and gradients for every
     reduction, class weights, label smoothing and ignore_index. Class-probability targets (a
     floating target shaped like the input) follow torch's semantics too, through plain PyTorch
@@ -194,6 +214,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     llmfast.parallel.cross_entropy for the full contract.
     """
     fn = "cross_entropy"
+    if size_average is not None or reduce is not None:  # torch's legacy arguments
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     _checks.floating(fn, "input", input)
     _checks.tensor(fn, "target", target)
     if target.dtype.is_floating_point:
@@ -222,7 +244,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         if tuple(weight.shape) != (n_classes,):
             raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
         _checks.same_device(fn, "weight", weight, "input", input)
-    label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    ignore_index, label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss,
+                                                                   softcap)
     if not isinstance(inplace_backward, bool):
         raise LlmfastTypeError(f"{fn}: inplace_backward must be a bool, got {inplace_backward!r}")
     if process_group is not None:
@@ -247,7 +270,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     w1d = weight.contiguous() if weight is not None else None
     code = _REDUCTION_CODES[reduction]
     needs_grad = torch.is_grad_enabled() and input.requires_grad
-    args = (x2d, t1d, w1d, code, ignore_index, label_smoothing, z_loss, softcap)
+    options = (ignore_index, label_smoothing, z_loss, softcap)
 
     if backend == "triton":
         fwd, inplace_fn = torch.ops.llmfast.triton_cross_entropy_fwd, _ops.cross_entropy.TritonInplaceFunction
@@ -258,12 +281,36 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
                 f"cross_entropy ops (rebuild the extension)")
         fwd, inplace_fn = torch.ops.llmfast.cross_entropy_fwd, _ops.cross_entropy.CppInplaceFunction
     if inplace_backward and needs_grad:
-        loss = inplace_fn.apply(*args)
+        loss = inplace_fn.apply(x2d, t1d, w1d, code, *options)
+    elif needs_grad and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        # Eager: the op below the autograd key, in llmfast's own autograd Function.
+        loss = _ops.cross_entropy.CrossEntropyFunction.apply(
+            input, target, weight, x2d.detach(), t1d, w1d, _grad_view(input.shape), *_ce_eager_ops(backend), code,
+            options)
     else:
-        loss, _, _ = fwd(*args, needs_grad)
+        loss, _, _ = fwd(x2d, t1d, w1d, code, *options, needs_grad)
     if code == 0:
         loss = loss.view(target.shape)
     return loss.to(input.dtype)
+
+
+def _grad_view(shape):
+    """Maps the kernels' (M, C) gradient back to an input of `shape` ((C,), (N, C) or
+    (N, C, d1, ...))."""
+    if len(shape) == 1:
+        return lambda g: g.view(shape)
+    if len(shape) == 2:
+        return lambda g: g
+    return lambda g: g.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+def _ce_eager_ops(backend):
+    """(forward, scale) of the cross-entropy kernels of `backend`, to call below the autograd key."""
+    if backend == "triton":
+        from .triton import cross_entropy as kernels
+
+        return kernels.cross_entropy_fwd, kernels.cross_entropy_scale_grad_
+    return torch.ops.llmfast.cross_entropy_fwd.default, torch.ops.llmfast.cross_entropy_scale_grad_.default
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
@@ -317,7 +364,8 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         if bias.dtype != input.dtype:
             raise LlmfastTypeError(f"{fn}: bias must have input's dtype {input.dtype}, got {bias.dtype}")
         _checks.same_device(fn, "bias", bias, "input", input)
-    label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap)
+    ignore_index, label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss,
+                                                                   softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise LlmfastValueError(f"{fn}: chunk_size must be None or a positive int, got {chunk_size!r}")
     if process_group is not None:
@@ -340,12 +388,9 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                 f"cross_entropy ops (rebuild the extension)")
         ops = (torch.ops.llmfast.cross_entropy_fwd, torch.ops.llmfast.cross_entropy_fwd_inplace,
                torch.ops.llmfast.cross_entropy_scale_grad_)
-    D = input.shape[-1]
-    x2d = input.reshape(-1, D).contiguous()
-    t1d = target.reshape(-1).to(torch.int64).contiguous()
-    chunk = chunk_size or _ops.cross_entropy.default_chunk_rows(x2d.shape[0], V, input.element_size())
+    chunk = chunk_size or _ops.cross_entropy.default_chunk_rows(target.numel(), V, input.element_size())
     loss = _ops.cross_entropy.LinearCrossEntropyFunction.apply(
-        x2d, weight, t1d, bias, _REDUCTION_CODES[reduction], ignore_index, label_smoothing, z_loss, softcap,
+        input, weight, target, bias, _REDUCTION_CODES[reduction], ignore_index, label_smoothing, z_loss, softcap,
         chunk, *ops)
     if reduction == "none":
         loss = loss.view(target.shape)
@@ -382,6 +427,23 @@ def _broadcast_batch(fn, query, key, value):
         raise LlmfastValueError(f"{fn}: the batch dimensions of query {tuple(query.shape)}, key {tuple(key.shape)} "
                                 f"and value {tuple(value.shape)} do not broadcast") from None
     return tuple(t.expand(*lead, *t.shape[-3:]) for t in (q, k, v))
+
+
+def _from_causal_bias(fn, bias, is_causal, sq, sk, device):
+    """A torch.nn.attention.bias.CausalBias as llmfast's arguments: (attn_mask, is_causal,
+    causal_right). Upper-left is is_causal (torch's alignment); lower-right with Sk >= Sq is the
+    band j <= i + (Sk - Sq); lower-right with Sq > Sk (first rows see no key) is its boolean mask."""
+    if is_causal:
+        raise LlmfastValueError(f"{fn}: attn_mask is a CausalBias, which already is the causal mask; leave "
+                                f"is_causal False")
+    if (bias.seq_len_q, bias.seq_len_kv) != (sq, sk):
+        raise LlmfastValueError(f"{fn}: the CausalBias is for (Sq, Sk) = ({bias.seq_len_q}, {bias.seq_len_kv}), "
+                                f"the inputs have ({sq}, {sk})")
+    if bias.variant == _CausalVariant.UPPER_LEFT:
+        return None, True, None
+    if sk >= sq:
+        return None, False, sk - sq
+    return bias._materialize(device), False, None
 
 
 def _window(fn, window_size):
@@ -450,6 +512,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Triton's pattern differs.
     """
     fn = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if isinstance(t, torch.Tensor) and t.is_nested:
+            raise LlmfastTypeError(f"{fn}: {name} is a nested tensor; llmfast takes padded (..., S, D) tensors (pass "
+                                   f"a key-padding attn_mask for the padding)")
     _checks.floating(fn, "query", query)
     _checks.floating(fn, "key", key)
     _checks.floating(fn, "value", value)
@@ -466,6 +532,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     hkv = key.shape[-3] if key.dim() >= 3 else 1
     sq, d = query.shape[-2], query.shape[-1]
     sk = key.shape[-2]
+    causal_right = None  # a bottom-right causal band from a CausalBias: query i sees keys j <= i + this
+    if isinstance(attn_mask, _CausalBias):
+        attn_mask, is_causal, causal_right = _from_causal_bias(fn, attn_mask, is_causal, sq, sk, query.device)
     if key.shape[-1] != d:
         raise LlmfastValueError(f"{fn}: key must have query's head dim {d} (last dimension), got shape "
                                 f"{tuple(key.shape)}")
@@ -505,13 +574,21 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if return_lse:
             return result[0] * 0.0, result[1]
         return result * 0.0
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        scale = scale.item()  # torch takes a one-element tensor too
     if scale is not None:
         scale = _number(fn, "scale", scale, math.isfinite, "None or a finite number")
+    elif d == 0:
+        scale = 1.0  # no features: every score is 0 whatever the scale (torch's 1/sqrt(0) aside)
     if softcap is not None:
         softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
     left, right = _window(fn, window_size)
+    if causal_right is not None:
+        right = causal_right if right < 0 else min(right, causal_right)
 
     backend = resolve("attention", query.device, query.dtype)
+    if d == 0 or value.shape[-1] == 0:
+        backend = "reference"  # nothing for a kernel to multiply
     if backend in ("triton", "cuda"):
         problem = (d, value.shape[-1], math.prod(query.shape[:-3]), hq)
         gap = _attention_gap(backend, *problem)

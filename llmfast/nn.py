@@ -3,6 +3,7 @@ parameters and state_dict) and only swaps the forward for llmfast's kernels."""
 import torch
 
 from . import functional as F
+from ._errors import LlmfastTypeError
 
 __all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss", "MultiheadAttention",
            "CausalSelfAttention"]
@@ -104,6 +105,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+                raise LlmfastTypeError(f"MultiheadAttention: {name} must be a bool or floating tensor (as in torch), "
+                                       f"got {mask.dtype}")
         if need_weights or self.bias_k is not None or self.add_zero_attn or (is_causal and attn_mask is None):
             # torch raises for is_causal without attn_mask; let it say so.
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from ..reference import attention as _reference_attention
+from . import _create_graph
 
 # The largest head dim (query's and value's) of the Triton kernels (llmfast/triton/attention.py
 # asserts the same number; kept here so that checking it does not import triton) and of the CUDA
@@ -97,9 +99,31 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         if grad_out is None and grad_lse is None:
             return (None,) * 12
+        if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
+            return (None, None, *_reference_backward(ctx, grad_out, grad_lse), None, None, None, None, None, None)
         with torch._C._AutoDispatchBelowADInplaceOrView():
             grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.args, ctx.needs_input_grad[5], grad_out, grad_lse)
         return (None, None, *grads, None, None, None, None, None, None)
+
+
+def _reference_backward(ctx, grad_out, grad_lse):
+    """AttentionFunction's gradients recomputed through llmfast.reference with a graph (double
+    backward). The kernels' dropout pattern cannot be replayed there, so dropout is refused."""
+    query, key, value, _, _, attn_mask, _ = ctx.saved_tensors
+    scale, window_left, window_right, softcap, dropout_p = ctx.args
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            "llmfast scaled_dot_product_attention: a backward with create_graph=True (double backward) is not "
+            "supported with dropout_p > 0 (the kernels' dropout pattern cannot be recomputed differentiably); "
+            "use dropout_p=0 or llmfast.use_backend('reference')")
+
+    def attention(q, k, v, mask):
+        return _reference_attention.attention(
+            q, k, v, mask, 0.0, False, scale, k.shape[1] != q.shape[1], (window_left, window_right),
+            softcap if softcap > 0.0 else None)
+
+    needs = (*ctx.needs_input_grad[2:5], _mask_grad_wanted(attn_mask, ctx.needs_input_grad[5]))
+    return _create_graph.reference_grads(attention, (query, key, value, attn_mask), needs, (grad_out, grad_lse))
 
 
 def kernels(backend):

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from .. import reference as _reference
+from . import _create_graph
 
 _TWICE = ("llmfast cross_entropy: backward ran twice through the same graph; the saved gradient is "
           "scaled in place during the first backward, so retain_graph=True is not supported")
@@ -102,6 +104,10 @@ def make_inplace_function(fwd_inplace_op, scale_op):
 
         @staticmethod
         def backward(ctx, grad_loss):
+            if _create_graph.wants_graph():
+                raise NotImplementedError(
+                    "llmfast cross_entropy: a backward with create_graph=True (double backward) is not supported "
+                    "with inplace_backward=True (the forward overwrote the logits it would need)")
             if ctx.backward_done:
                 raise RuntimeError(_TWICE)
             ctx.backward_done = True
@@ -160,6 +166,55 @@ _register_autograd(triton_cross_entropy_fwd, triton_cross_entropy_scale_grad_)
 TritonInplaceFunction = make_inplace_function(triton_cross_entropy_fwd_inplace, triton_cross_entropy_scale_grad_)
 
 
+# --- eager autograd -----------------------------------------------------------------------------
+class CrossEntropyFunction(torch.autograd.Function):
+    """Eager-mode autograd for a cross-entropy forward op (C++ or Triton), with the registered
+    formula's behaviour: the forward computes and saves the gradient, backward scales it in
+    place. It calls the op straight below the autograd dispatch key (the generic autograd
+    wrapper of a custom op costs tens of microseconds of Python a call) and, for a double
+    backward, recomputes through the reference from weak references to its inputs
+    (llmfast/ops/_create_graph.py). torch.compile sees the registered formula instead.
+
+    input2d / target1d / weight1d are the kernels' (M, C) / (M,) / (C,) operands made from
+    `input` / `target` / `weight` (the caller's tensors, kept as weak references only); grad_view turns the (M, C) gradient
+    back into input's shape."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, input2d, target1d, weight1d, grad_view, fwd_op, scale_op, reduction,
+                options):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            loss, _, grad = fwd_op(input2d, target1d, weight1d, reduction, *options, True)
+        ctx.save_for_backward(grad)
+        ctx.scale_op, ctx.grad_view, ctx.reduction, ctx.options = scale_op, grad_view, reduction, options
+        ctx.inputs = _create_graph.InputRefs("cross_entropy", input=input, target=target, weight=weight)
+        ctx.backward_done = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 11
+        if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
+            refs = ctx.inputs.get()
+            ignore_index, label_smoothing, z_loss, softcap = ctx.options
+            reduction = ("none", "mean", "sum")[ctx.reduction]
+
+            def loss_fn(x):
+                loss = _reference.cross_entropy(x, refs["target"], refs["weight"], ignore_index, reduction,
+                                                label_smoothing, z_loss=z_loss, softcap=softcap)
+                return loss.reshape(grad_loss.shape)
+
+            (grad,) = _create_graph.reference_grads(loss_fn, (refs["input"],), (True,), (grad_loss,))
+            return (grad,) + (None,) * 10
+        if ctx.backward_done:
+            raise RuntimeError(_TWICE)
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            ctx.scale_op(grad, grad_loss.to(torch.float32).reshape(-1).contiguous())
+        return (ctx.grad_view(grad),) + (None,) * 10
+
+
 # --- fused linear + cross-entropy -------------------------------------------------------------
 def default_chunk_rows(n_rows, vocab, elt_size):
     """Rows per chunk of linear_cross_entropy: a chunk of logits of about 256 MiB (1024 rows of
@@ -191,6 +246,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
                 chunk, fwd_op, fwd_inplace_op, scale_op):
+        ctx.inputs = _create_graph.InputRefs("linear_cross_entropy", input=input, weight=weight, target=target,
+                                             bias=bias)
+        ctx.input_shape = input.shape
+        input = input.reshape(-1, input.shape[-1]).contiguous()
+        target = target.reshape(-1).to(torch.int64).contiguous()
         M = input.shape[0]
         V = weight.shape[0]
         opts = (ignore_index, label_smoothing, z_loss, softcap)
@@ -251,6 +311,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
+            return _linear_reference_backward(ctx, grad_loss)
         if ctx.backward_done:
             raise RuntimeError(_TWICE)
         ctx.backward_done = True
@@ -285,5 +347,24 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 del logits
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
-        return (grad_x if need_x else None, grad_w if need_w else None, None, grad_b if need_b else None,
-                None, None, None, None, None, None, None, None, None)
+        return (grad_x.view(ctx.input_shape) if need_x else None, grad_w if need_w else None, None,
+                grad_b if need_b else None, None, None, None, None, None, None, None, None, None)
+
+
+def _linear_reference_backward(ctx, grad_loss):
+    """LinearCrossEntropyFunction's gradients recomputed through llmfast.reference with a graph
+    (double backward), from the caller's tensors (weak references, see _create_graph)."""
+    refs = ctx.inputs.get()
+    ignore_index, label_smoothing, z_loss, softcap = ctx.opts
+    reduction = ("none", "mean", "sum")[ctx.reduction]
+
+    def loss_fn(x, w, b):
+        loss = _reference.linear_cross_entropy(x, w, refs["target"], b, ignore_index=ignore_index,
+                                               reduction=reduction, label_smoothing=label_smoothing,
+                                               z_loss=z_loss, softcap=softcap)
+        return loss.reshape(grad_loss.shape)
+
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3])
+    grad_x, grad_w, grad_b = _create_graph.reference_grads(loss_fn, (refs["input"], refs["weight"], refs["bias"]),
+                                                           needs, (grad_loss,))
+    return (grad_x, grad_w, None, grad_b) + (None,) * 9

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 from .. import _extension
+from .. import reference as _reference
+from . import _create_graph
 
 
 def _fwd_fake(input, residual, weight, bias, eps, rms):
@@ -84,30 +86,67 @@ class NormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fwd_op, bwd_op, input, residual, weight, bias, eps, rms):
+    def forward(ctx, fwd_op, bwd_op, input, residual, weight, bias, eps, rms, originals=None):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             out, residual_out, mean, rstd = fwd_op(input, residual, weight, bias, eps, rms)
         normed_input = residual_out if residual is not None else input
         ctx.save_for_backward(normed_input, weight, mean, rstd)
-        ctx.bwd_op, ctx.rms, ctx.has_residual = bwd_op, rms, residual is not None
+        ctx.bwd_op, ctx.rms, ctx.eps, ctx.has_residual = bwd_op, rms, eps, residual is not None
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[4]
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         if residual is None:
             ctx.mark_non_differentiable(residual_out)
+        else:  # for a double backward (the saved sum is this node's own output, see _reference_backward)
+            input, residual = originals if originals is not None else (input, residual)
+            ctx.inputs = _create_graph.InputRefs("add_rms_norm" if rms else "add_layer_norm", input=input,
+                                                 residual=residual)
         return out, residual_out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # double backward raises instead of returning zeros
     def backward(ctx, grad_out, grad_residual_out):
+        if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
+            return (None, None, *_reference_backward(ctx, grad_out, grad_residual_out), None, None, None)
         with torch._C._AutoDispatchBelowADInplaceOrView():
             grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.rms, ctx.has_residual, ctx.weight_grad,
                               ctx.bias_grad, grad_out, grad_residual_out)
-        return (None, None, *grads, None, None)
+        return (None, None, *grads, None, None, None)
 
 
-def norm_forward(backend, input, residual, weight, bias, eps, rms):
+def _reference_backward(ctx, grad_out, grad_residual_out):
+    """NormFunction's gradients recomputed through llmfast.reference with a graph (double
+    backward). The bias never enters the gradients of the input and weight. With a residual the
+    normalized sum is this node's own output, which cannot be differentiated inside its own
+    backward; the sum is recomputed from the inputs (weak references, see _create_graph)."""
+    normed_input, weight, _, _ = ctx.saved_tensors
+    N = normed_input.shape[1]
+    if ctx.rms:
+        norm = lambda x, w: _reference.rms_norm(x, (N,), w, ctx.eps)  # noqa: E731
+    else:
+        norm = lambda x, w: _reference.layer_norm(x, (N,), w, None, ctx.eps)  # noqa: E731
+    if ctx.has_residual:
+        refs = ctx.inputs.get()  # the caller's tensors, of any leading shape
+        grad_in, grad_res, grad_w = _create_graph.reference_grads(
+            lambda x, r, w: norm((x + r).reshape(-1, N), w), (refs["input"], refs["residual"], weight),
+            (ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.weight_grad), (grad_out,))
+        if grad_residual_out is not None:
+            grad_in = grad_in + grad_residual_out if grad_in is not None else None
+            grad_res = grad_res + grad_residual_out if grad_res is not None else None
+    else:
+        grad_in, grad_w = _create_graph.reference_grads(norm, (normed_input, weight),
+                                                        (ctx.needs_input_grad[2], ctx.weight_grad), (grad_out,))
+        grad_res = None
+    grad_b = None
+    if ctx.bias_grad:
+        grad_b = (grad_out.sum(0) if grad_out is not None else normed_input.new_zeros(N)).to(ctx.bias_dtype)
+    return grad_in, grad_res, grad_w, grad_b
+
+
+def norm_forward(backend, input, residual, weight, bias, eps, rms, originals=None):
     """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
-    returns (out, residual_out), differentiable in eager mode and under torch.compile."""
+    returns (out, residual_out), differentiable in eager mode and under torch.compile.
+    `originals`: the caller's (input, residual) that the 2-D ones were made from, for a double
+    backward of the residual variants (see NormFunction)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # Traced: the custom ops, with their fake kernels and registered autograd.
         fwd_op = torch.ops.llmfast.triton_norm_fwd if backend == "triton" else torch.ops.llmfast.norm_fwd
@@ -127,7 +166,7 @@ def norm_forward(backend, input, residual, weight, bias, eps, rms):
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return NormFunction.apply(fwd_op, bwd_op, input, residual, weight, bias, eps, rms)
+        return NormFunction.apply(fwd_op, bwd_op, input, residual, weight, bias, eps, rms, originals)
     with torch._C._AutoDispatchBelowADInplaceOrView():
         out, residual_out, _, _ = fwd_op(input, residual, weight, bias, eps, rms)
     return out, residual_out

@@ -279,6 +279,13 @@ _TWICE = ("llmfast vocab-parallel cross_entropy: backward ran twice through the 
           "inplace_backward=True; the first one overwrote the saved logits")
 
 
+def _refuse_create_graph():
+    if torch.is_grad_enabled():  # a backward with create_graph=True
+        raise NotImplementedError(
+            "llmfast vocabulary-parallel cross_entropy: a backward with create_graph=True (double backward) is not "
+            "supported")
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Loss of local logits (M, V_r) (any strides) with int64 targets (M,) of global class ids;
     see the module docstring. Returns the loss in acc dtype: (M,) for reduction 0 ('none'),
@@ -308,6 +315,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_create_graph()
         if ctx.inplace and ctx.backward_done:
             raise RuntimeError(_TWICE)
         ctx.backward_done = True
@@ -359,6 +367,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        _refuse_create_graph()
         input, weight, bias, m, log_s = ctx.saved_tensors
         vocab, reduction, label_smoothing, z_loss, softcap, chunk = ctx.opts
         rows = ctx.rows

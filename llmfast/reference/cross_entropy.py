@@ -107,7 +107,9 @@ def cross_entropy_probs(input, target, weight=None, reduction="mean", label_smoo
         loss = loss.sum()
     elif reduction == "mean":
         loss = loss.sum() / loss.numel()  # NaN for no token, as torch
-    return loss.to(input.dtype)
+    # torch's result type: input's and target's dtypes promoted (bfloat16 logits against float32
+    # probabilities give a float32 loss)
+    return loss.to(torch.promote_types(input.dtype, target.dtype))
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",

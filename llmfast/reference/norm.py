@@ -9,7 +9,15 @@ import torch
 
 
 def _acc_dtype(dtype):
+    if dtype.is_complex:
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_rms_eps(dtype):
+    """rms_norm's eps when None is given, as torch: the machine epsilon of the computation dtype
+    (float32 for float16 and bfloat16 inputs; the real dtype's for complex inputs)."""
+    return torch.finfo(_acc_dtype(dtype).to_real() if dtype.is_complex else _acc_dtype(dtype)).eps
 
 
 def _dims(normalized_shape):
@@ -33,10 +41,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, bias=None):
-    """torch.nn.functional.rms_norm; `eps=None` means torch.finfo(input.dtype).eps.
-    `bias` is an llmfast extension (None in torch's function)."""
+    """torch.nn.functional.rms_norm; `eps=None` means default_rms_eps(input.dtype), as in torch.
+    `bias` is an llmfast extension (None in torch's function). Complex inputs follow torch's
+    formula (x * rsqrt(mean(x^2) + eps), x^2 not |x|^2)."""
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = default_rms_eps(input.dtype)
     acc = _acc_dtype(input.dtype)
     x = input.to(acc)
     y = x * torch.rsqrt(x.square().mean(dim=_dims(normalized_shape), keepdim=True) + eps)

@@ -118,7 +118,11 @@ def _scores(qk, qi, kj, mask_base, stride_mm, stride_mn, Sq, Sk, qk_scale, cap_s
             keep = tl.load(mptr, mask=mok, other=0)
             s = tl.where(keep != 0, s, float("-inf"))
         else:
-            s = s + tl.load(mptr, mask=mok, other=0.0).to(tl.float32) * 1.4426950408889634
+            bias = tl.load(mptr, mask=mok, other=0.0).to(tl.float32)
+            # A large finite mask value (finfo(float32).min, as Hugging Face pads) must stay finite in
+            # log2 units: a row masked only by it averages its keys, as in torch, not zeros.
+            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.0e38))
+            s = s + bias * 1.4426950408889634
     if BAND:
         ok = kj < Sk
         if HAS_LEFT:

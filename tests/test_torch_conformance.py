@@ -1,0 +1,199 @@
+"""Corners of torch's contracts that torch's own test material (OpInfo / ModuleInfo samples, the
+legacy loss arguments, forward-mode AD) exercises: llmfast must give what torch gives, on every
+backend. Found by pointing torch's samples at llmfast's API."""
+import numpy as np
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import llmfast
+import llmfast.functional as LF
+from conftest import device_backend_params
+
+
+def _rand(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rms_norm_default_eps_is_torchs(device, backend, dtype):
+    """eps=None is the epsilon of the computation dtype (float32 for 16-bit inputs), not of the
+    input's dtype: rows with a small mean square tell the two apart."""
+    x = (_rand(4, 64, device=device) * 0.02).to(dtype).requires_grad_()
+    with llmfast.use_backend(backend):
+        ours = LF.rms_norm(x, (64,))
+        layer = llmfast.nn.RMSNorm(64, device=device, dtype=dtype)
+        ours_layer = layer(x)
+    theirs = F.rms_norm(x.detach().double(), (64,), eps=torch.finfo(torch.float32).eps if dtype != torch.float64
+                        else None).to(dtype)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, **tol)
+    torch.testing.assert_close(ours_layer, theirs, **tol)
+    torch.testing.assert_close(ours, F.rms_norm(x, (64,)), **tol)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_norm_arguments_torch_accepts(device, backend):
+    x = _rand(3, 5, device=device) * 4
+    with llmfast.use_backend(backend):
+        # a negative eps (torch's OpInfo samples use -0.5): the caller's business, not an error
+        torch.testing.assert_close(LF.layer_norm(x, (5,), eps=-1e-3), F.layer_norm(x, (5,), eps=-1e-3))
+        torch.testing.assert_close(LF.rms_norm(x, (5,), eps=-1e-3), F.rms_norm(x, (5,), eps=-1e-3))
+        # an empty normalized dimension
+        for shape, ns in (((3, 0), (0,)), ((2, 3, 0), (3, 0)), ((0,), (0,))):
+            e = torch.empty(shape, device=device)
+            assert LF.layer_norm(e, ns).shape == F.layer_norm(e, ns).shape
+            assert LF.rms_norm(e, ns).shape == F.rms_norm(e, ns).shape
+        # rms_norm with a weight of another floating dtype: torch's result, in the input's dtype
+        for xd, wd in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float64), (torch.bfloat16, torch.float16)):
+            xs, w = x.to(xd).requires_grad_(), _rand(5, seed=1, device=device).to(wd).requires_grad_()
+            ours = LF.rms_norm(xs, (5,), w, 1e-6)
+            theirs = F.rms_norm(xs, (5,), w, 1e-6)
+            assert ours.dtype == theirs.dtype
+            torch.testing.assert_close(ours, theirs, atol=2e-2, rtol=2e-2)
+            g = torch.randn_like(theirs)
+            torch.testing.assert_close(torch.autograd.grad(ours, (xs, w), g), torch.autograd.grad(theirs, (xs, w), g),
+                                       atol=5e-2, rtol=5e-2)
+        # complex input (torch's formula: x * rsqrt(mean(x^2) + eps))
+        c = torch.randn(3, 4, dtype=torch.complex64, device=device)
+        torch.testing.assert_close(LF.rms_norm(c, (4,)), F.rms_norm(c, (4,)))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_forward_mode_ad_keeps_the_tangent(device, backend):
+    """Dual tensors take the reference path: the kernels' autograd Functions would drop the
+    tangent silently."""
+    x, tx = _rand(4, 6, device=device), _rand(4, 6, device=device, seed=1)
+    q, tq = _rand(1, 2, 5, 8, device=device), _rand(1, 2, 5, 8, device=device, seed=2)
+    target = torch.tensor([1, 0, 5, 2], device=device)
+    cases = [
+        (lambda t: LF.layer_norm(t, (6,)), lambda t: F.layer_norm(t, (6,)), x, tx),
+        (lambda t: LF.rms_norm(t, (6,)), lambda t: F.rms_norm(t, (6,)), x, tx),
+        (lambda t: LF.cross_entropy(t, target), lambda t: F.cross_entropy(t, target), x, tx),
+        (lambda t: LF.scaled_dot_product_attention(t, t, t, is_causal=True),
+         lambda t: F.scaled_dot_product_attention(t, t, t, is_causal=True), q, tq),
+    ]
+    for ours, theirs, primal, tangent in cases:
+        with fwAD.dual_level():
+            with llmfast.use_backend(backend):
+                out = fwAD.unpack_dual(ours(fwAD.make_dual(primal, tangent)))
+            with sdpa_kernel(SDPBackend.MATH):  # torch's CPU flash kernel has no forward AD
+                expected = fwAD.unpack_dual(theirs(fwAD.make_dual(primal, tangent)))
+        assert out.tangent is not None
+        torch.testing.assert_close(out.primal, expected.primal, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.tangent, expected.tangent, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_cross_entropy_positional_signature_is_torchs(device, backend):
+    """(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing),
+    the legacy size_average / reduce overriding reduction as in torch; numpy integers pass."""
+    x = _rand(6, 5, device=device).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3, 4, 1], device=device)
+    w = torch.rand(5, generator=torch.Generator().manual_seed(3)).to(device)
+    calls = [
+        ((None, None, 1), {}),
+        ((w, None, 2, None, "sum", 0.1), {}),
+        ((), dict(reduce=False)),
+        ((), dict(size_average=False)),
+        ((None, None, np.int64(1)), {}),
+    ]
+    with llmfast.use_backend(backend):
+        for args, kw in calls:
+            with pytest.warns(UserWarning) if kw else _no_warning():
+                ours = LF.cross_entropy(x, t, *args, **kw)
+            with pytest.warns(UserWarning) if kw else _no_warning():
+                theirs = F.cross_entropy(x, t, *args, **kw)
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{args} {kw}: {m}")
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_cross_entropy_probability_targets_promote_like_torch(device, backend):
+    x = _rand(3, 4, device=device, dtype=torch.bfloat16)
+    p = torch.softmax(_rand(3, 4, device=device, seed=1), -1)
+    with llmfast.use_backend(backend):
+        ours = LF.cross_entropy(x, p)
+    theirs = F.cross_entropy(x, p)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_attention_causal_bias_masks(device, backend):
+    """torch.nn.attention.bias.CausalBias (upper-left is is_causal, lower-right is aligned to the
+    bottom-right corner): what torch computes, values and gradients."""
+    for sq, sk in ((3, 7), (7, 3), (5, 5)):
+        for make in (causal_lower_right, causal_upper_left):
+            q, k, v = (_rand(2, 2, s, 8, device=device, seed=i).requires_grad_() for i, s in enumerate((sq, sk, sk)))
+            bias = make(sq, sk)
+            with llmfast.use_backend(backend):
+                ours = LF.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            with sdpa_kernel(SDPBackend.MATH):
+                theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias._materialize(device))
+            # rows that see no key: llmfast gives zeros (documented), torch's math path NaN or zeros
+            seen = bias._materialize(device).any(-1)[:, None]
+            what = f"{make.__name__}({sq}, {sk})"
+            torch.testing.assert_close(ours * seen, theirs.nan_to_num() * seen, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{what}: {m}")
+            g = torch.randn_like(theirs) * seen
+            for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
+                torch.testing.assert_close(a, b.nan_to_num(), atol=1e-4, rtol=1e-3, msg=lambda m: f"{what} grad: {m}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_attention_finite_mask_minimum_is_not_a_full_mask(device, backend):
+    """A row masked only with finfo(float32).min (Hugging Face's padding value) averages its
+    keys, as in torch; -inf still masks."""
+    mask = torch.zeros(2, 3, device=device)
+    mask[0] = torch.finfo(torch.float32).min
+    mask[1, 0] = float("-inf")
+    q, k, v = (_rand(1, 1, s, 8, device=device, seed=i) for i, s in enumerate((2, 3, 3)))
+    with llmfast.use_backend(backend):
+        ours = LF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[0, 0, 0], v[0, 0].mean(0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_attention_arguments_torch_accepts(device, backend):
+    q, k, v = (_rand(1, 2, s, 8, device=device, seed=i) for i, s in enumerate((3, 4, 4)))
+    empty_qk = (_rand(1, 2, 3, 0, device=device), _rand(1, 2, 4, 0, device=device))
+    with llmfast.use_backend(backend):
+        # a one-element tensor scale
+        torch.testing.assert_close(LF.scaled_dot_product_attention(q, k, v, scale=torch.tensor(0.5)),
+                                   F.scaled_dot_product_attention(q, k, v, scale=0.5), atol=1e-5, rtol=1e-4)
+        # head dim 0: every score is 0, the output is the mean of the values
+        out = LF.scaled_dot_product_attention(*empty_qk, v)
+        torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(1, 2, 3, 8), atol=1e-6, rtol=1e-5)
+        # value head dim 0: an empty output
+        assert LF.scaled_dot_product_attention(q, k, v[..., :0]).shape == (1, 2, 3, 0)
+
+
+def test_attention_inputs_torch_refuses_or_llmfast_cannot_take():
+    layer = llmfast.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    for kw in (dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.uint8)),
+               dict(attn_mask=torch.zeros(5, 5, dtype=torch.int64))):
+        with pytest.raises(TypeError, match="must be a bool or floating tensor"):
+            layer(x, x, x, need_weights=False, **kw)
+    nested = torch.nested.nested_tensor([torch.randn(2, 3, 8), torch.randn(2, 5, 8)], layout=torch.jagged)
+    with pytest.raises(TypeError, match="nested tensor"):
+        LF.scaled_dot_product_attention(nested, nested, nested)
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(ValueError, match="CausalBias"):
+        LF.scaled_dot_product_attention(q, q, q, attn_mask=causal_upper_left(3, 3), is_causal=True)
+    with pytest.raises(ValueError, match="CausalBias"):
+        LF.scaled_dot_product_attention(q, q, q, attn_mask=causal_upper_left(3, 4))
