@@ -19,8 +19,9 @@ import torch
 
 
 def wants_graph():
-    """True inside a backward that runs with create_graph=True."""
-    return torch.is_grad_enabled()
+    """True inside an eager backward that runs with create_graph=True (compiled graphs have no
+    double backward; AOTAutograd may trace a backward with grad mode on)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def reference_grads(fn, inputs, needs, grad_outputs):

@@ -246,8 +246,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
                 chunk, fwd_op, fwd_inplace_op, scale_op):
-        ctx.inputs = _create_graph.InputRefs("linear_cross_entropy", input=input, weight=weight, target=target,
-                                             bias=bias)
+        if not torch.compiler.is_compiling():  # (compiled graphs have no double backward)
+            ctx.inputs = _create_graph.InputRefs("linear_cross_entropy", input=input, weight=weight, target=target,
+                                                 bias=bias)
         ctx.input_shape = input.shape
         input = input.reshape(-1, input.shape[-1]).contiguous()
         target = target.reshape(-1).to(torch.int64).contiguous()
