@@ -48,8 +48,10 @@ def _check_param(fn, name, param, normalized_shape, input, rms):
 def _params_fit_kernels(input, weight, bias):
     """The kernels take parameters in the input's dtype or float32 (mixed precision), one dtype
     for both; other combinations that torch accepts take the reference path."""
-    dtypes = {p.dtype for p in (weight, bias) if p is not None}
-    return not dtypes or (len(dtypes) == 1 and dtypes <= {input.dtype, torch.float32})
+    w = weight.dtype if weight is not None else None
+    b = bias.dtype if bias is not None else w
+    w = b if w is None else w
+    return w is None or (w is b and (w is input.dtype or w is torch.float32))
 
 
 def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
