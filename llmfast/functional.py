@@ -540,7 +540,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if key.shape[-1] != d:
         raise LlmfastValueError(f"{fn}: key must have query's head dim {d} (last dimension), got shape "
                                 f"{tuple(key.shape)}")
-    if (value.shape[-3] if value.dim() >= 3 else 1) != hkv or value.shape[-2] != sk:
+    hv = value.shape[-3] if value.dim() >= 3 else 1
+    if (enable_gqa is True and hv != hkv and value.shape[-2] == sk and hkv and hv and hq % hkv == 0
+            and hq % hv == 0):
+        # torch's grouped-query rule repeats key and value each to the query's heads; with
+        # different head counts they share no grouping, so both are repeated here
+        key = key.repeat_interleave(hq // hkv, dim=-3)
+        value = value.repeat_interleave(hq // hv, dim=-3)
+        hkv = hv = hq
+    if hv != hkv or value.shape[-2] != sk:
         raise LlmfastValueError(f"{fn}: value must have key's heads and length (..., {hkv}, {sk}, Dv), got "
                                 f"shape {tuple(value.shape)}")
     for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa), ("return_lse", return_lse)):

@@ -180,6 +180,10 @@ def test_attention_arguments_torch_accepts(device, backend):
         torch.testing.assert_close(out, v.mean(-2, keepdim=True).expand(1, 2, 3, 8), atol=1e-6, rtol=1e-5)
         # value head dim 0: an empty output
         assert LF.scaled_dot_product_attention(q, k, v[..., :0]).shape == (1, 2, 3, 0)
+        # enable_gqa with key and value of different head counts: each repeated to the query's
+        q6, k3, v2 = (_rand(2, h, s, 8, device=device, seed=h) for h, s in ((6, 5), (3, 7), (2, 7)))
+        torch.testing.assert_close(LF.scaled_dot_product_attention(q6, k3, v2, enable_gqa=True),
+                                   F.scaled_dot_product_attention(q6, k3, v2, enable_gqa=True), atol=1e-5, rtol=1e-4)
 
 
 def test_attention_inputs_torch_refuses_or_llmfast_cannot_take():
