@@ -201,3 +201,13 @@ def test_attention_inputs_torch_refuses_or_llmfast_cannot_take():
         LF.scaled_dot_product_attention(q, q, q, attn_mask=causal_upper_left(3, 3), is_causal=True)
     with pytest.raises(ValueError, match="CausalBias"):
         LF.scaled_dot_product_attention(q, q, q, attn_mask=causal_upper_left(3, 4))
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_cross_entropy_infinite_logit_gives_torchs_nan(device, backend):
+    x = torch.tensor([[float("inf"), 0.0, 1.0], [0.0, 1.0, 2.0]], device=device)
+    t = torch.tensor([1, 2], device=device)
+    with llmfast.use_backend(backend):
+        ours = LF.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(ours, F.cross_entropy(x, t, reduction="none"), equal_nan=True)
+    assert ours[0].isnan()

@@ -51,7 +51,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     t = target.reshape(-1).long()
 
     lse = torch.logsumexp(x2, dim=-1)
-    logp = x2 - lse[:, None]
+    logp = torch.log_softmax(x2, dim=-1)  # (not x2 - lse: a +inf logit makes the row NaN, as in torch)
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
     zero = torch.zeros((), dtype=acc, device=x.device)
