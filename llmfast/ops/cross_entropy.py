@@ -176,8 +176,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     (llmfast/ops/_create_graph.py). torch.compile sees the registered formula instead.
 
     input2d / target1d / weight1d are the kernels' (M, C) / (M,) / (C,) operands made from
-    `input` / `target` / `weight` (the caller's tensors, kept as weak references only); grad_view turns the (M, C) gradient
-    back into input's shape."""
+    `input` / `target` / `weight` (the caller's tensors, kept as weak references only);
+    grad_view turns the (M, C) gradient back into input's shape."""
 
     @staticmethod
     def forward(ctx, input, target, weight, input2d, target1d, weight1d, grad_view, fwd_op, scale_op, reduction,
