@@ -3,7 +3,7 @@ parameters and state_dict) and only swaps the forward for llmfast's kernels."""
 import torch
 
 from . import functional as F
-from ._errors import LlmfastTypeError
+from ._errors import LlmfastTypeError, LlmfastValueError
 
 __all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss", "MultiheadAttention",
            "CausalSelfAttention"]
@@ -52,6 +52,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
                  chunk_size=None, process_group=None):
+        if reduction not in ("none", "mean", "sum"):
+            hint = ""
+            if isinstance(reduction, int) and not isinstance(reduction, bool):
+                hint = (" (torch >= 2.14's LinearCrossEntropyLoss(in_features, num_classes) owns its projection; "
+                        "llmfast's takes it at call time: loss_fn(input, weight, target, bias=None))")
+            raise LlmfastValueError(f"LinearCrossEntropyLoss: reduction must be 'none', 'mean' or 'sum', got "
+                                    f"{reduction!r}{hint}")
         super().__init__()
         self.process_group = process_group
         self.ignore_index = ignore_index

@@ -211,3 +211,17 @@ def test_cross_entropy_infinite_logit_gives_torchs_nan(device, backend):
         ours = LF.cross_entropy(x, t, reduction="none")
     torch.testing.assert_close(ours, F.cross_entropy(x, t, reduction="none"), equal_nan=True)
     assert ours[0].isnan()
+
+
+def test_linear_cross_entropy_loss_explains_its_api():
+    """torch >= 2.14 has a LinearCrossEntropyLoss(in_features, num_classes) that owns its
+    projection; llmfast's takes the weight at call time: the torch-style call must fail at
+    construction with an error that says so, not later with a confusing one."""
+    with pytest.raises(ValueError, match="takes it at call time"):
+        llmfast.nn.LinearCrossEntropyLoss(768, 50257)
+    with pytest.raises(ValueError, match="reduction"):
+        llmfast.nn.LinearCrossEntropyLoss(reduction="avg")
+    loss_fn = llmfast.nn.LinearCrossEntropyLoss(-1, "sum")
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, -1, 3, 9])
+    torch.testing.assert_close(loss_fn(h, w, t), F.cross_entropy(h @ w.T, t, ignore_index=-1, reduction="sum"),
+                               atol=1e-4, rtol=1e-4)
