@@ -35,6 +35,8 @@ from .. import _extension
 from .. import reference as _reference
 from . import _create_graph
 
+_REDUCTION_NAMES = ("none", "mean", "sum")  # by the ops' reduction code
+
 _TWICE = ("llmfast cross_entropy: backward ran twice through the same graph; the saved gradient is "
           "scaled in place during the first backward, so retain_graph=True is not supported")
 
@@ -197,10 +199,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
             refs = ctx.inputs.get()
             ignore_index, label_smoothing, z_loss, softcap = ctx.options
-            reduction = ("none", "mean", "sum")[ctx.reduction]
 
             def loss_fn(x):
-                loss = _reference.cross_entropy(x, refs["target"], refs["weight"], ignore_index, reduction,
+                loss = _reference.cross_entropy(x, refs["target"], refs["weight"], ignore_index,
+                                                _REDUCTION_NAMES[ctx.reduction],
                                                 label_smoothing, z_loss=z_loss, softcap=softcap)
                 return loss.reshape(grad_loss.shape)
 
@@ -357,11 +359,11 @@ def _linear_reference_backward(ctx, grad_loss):
     (double backward), from the caller's tensors (weak references, see _create_graph)."""
     refs = ctx.inputs.get()
     ignore_index, label_smoothing, z_loss, softcap = ctx.opts
-    reduction = ("none", "mean", "sum")[ctx.reduction]
 
     def loss_fn(x, w, b):
         loss = _reference.linear_cross_entropy(x, w, refs["target"], b, ignore_index=ignore_index,
-                                               reduction=reduction, label_smoothing=label_smoothing,
+                                               reduction=_REDUCTION_NAMES[ctx.reduction],
+                                               label_smoothing=label_smoothing,
                                                z_loss=z_loss, softcap=softcap)
         return loss.reshape(grad_loss.shape)
 

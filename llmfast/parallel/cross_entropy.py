@@ -61,6 +61,7 @@ import torch.distributed as dist
 
 from .. import _checks
 from .._errors import LlmfastTypeError, LlmfastValueError
+from ..ops import _create_graph
 from ..ops.cross_entropy import default_chunk_rows
 
 __all__ = [
@@ -280,7 +281,7 @@ _TWICE = ("llmfast vocab-parallel cross_entropy: backward ran twice through the 
 
 
 def _refuse_create_graph():
-    if torch.is_grad_enabled():  # a backward with create_graph=True
+    if _create_graph.wants_graph():
         raise NotImplementedError(
             "llmfast vocabulary-parallel cross_entropy: a backward with create_graph=True (double backward) is not "
             "supported")

@@ -17,7 +17,7 @@ def _acc_dtype(dtype):
 def default_rms_eps(dtype):
     """rms_norm's eps when None is given, as torch: the machine epsilon of the computation dtype
     (float32 for float16 and bfloat16 inputs; the real dtype's for complex inputs)."""
-    return torch.finfo(_acc_dtype(dtype).to_real() if dtype.is_complex else _acc_dtype(dtype)).eps
+    return torch.finfo(_acc_dtype(dtype).to_real()).eps
 
 
 def _dims(normalized_shape):
