@@ -17,7 +17,8 @@ def _acc_dtype(dtype):
 def default_rms_eps(dtype):
     """rms_norm's eps when None is given, as torch: the machine epsilon of the computation dtype
     (float32 for float16 and bfloat16 inputs; the real dtype's for complex inputs)."""
-    return torch.finfo(_acc_dtype(dtype).to_real()).eps
+    acc = _acc_dtype(dtype)
+    return torch.finfo(acc.to_real() if acc.is_complex else acc).eps  # (dynamo cannot trace to_real)
 
 
 def _dims(normalized_shape):
