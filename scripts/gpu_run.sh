@@ -4,7 +4,7 @@
 # Logs and results go under $OUT (the device tool brings them back); benchmark results are
 # also packed into $OUT/results.tgz to be committed under benchmarks/results/.
 #   usage: bash scripts/gpu_run.sh [--no-tests] [--no-bench] [--cmake] [-k PYTEST_EXPR]
-#                                  [--deadline SECONDS] [bench ops...]
+#                                  [--deadline SECONDS] [--shards N] [bench ops...]
 # The build is skipped when the in-place extension was built from the same sources (a warm
 # machine keeps it between calls). The test files run in parallel shards (Triton compiles on the
 # CPU; the GPU work of the tests is small). --deadline bounds the whole script so that the logs
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llmfast_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-run_tests=1; run_bench=1; run_cmake=0; kexpr=""; ops=(); deadline=570
+run_tests=1; run_bench=1; run_cmake=0; kexpr=""; ops=(); deadline=570; shards=8
 t0=$(date +%s)
 left() { echo $(( deadline - ($(date +%s) - t0) )); }
 while [ $# -gt 0 ]; do
@@ -22,6 +22,7 @@ while [ $# -gt 0 ]; do
     --no-tests) run_tests=0 ;; --no-bench) run_bench=0 ;; --cmake) run_cmake=1 ;;
     -k) kexpr="$2"; shift ;;
     --deadline) deadline="$2"; shift ;;
+    --shards) shards="$2"; shift ;;
     *) ops+=("$1") ;;
   esac
   shift
@@ -49,6 +50,8 @@ else
   echo "build: $(( $(date +%s) - start )) s"
 fi
 
+python3 scripts/exception_probe.py 2>&1 | tee "$OUT/exception_probe.txt"
+
 if [ "$run_cmake" = 1 ]; then
   # Full CMake build with the CUDA kernels, in the background while the tests run.
   ( cmake -S . -B /tmp/cmake-build -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')" \
@@ -67,23 +70,24 @@ if [ "$run_tests" = 1 ]; then
   export LLMFAST_TRITON_AUTOTUNE=0
   budget=$(( $(left) - 20 )); [ "$run_bench" = 1 ] && budget=$(( budget / 2 ))
   kargs=(); [ -n "$kexpr" ] && kargs=(-k "$kexpr")
-  shards=("tests/test_attention.py" "tests/test_norm.py" "tests/test_cross_entropy.py"
-          "tests/test_vocab_parallel.py tests/test_double_backward.py tests/test_torch_conformance.py"
-          "tests/test_models.py tests/test_transforms.py tests/test_triton_compile.py tests/test_triton_tuning.py tests/test_build.py")
+  # LLMFAST_TEST_SHARD (tests/conftest.py) deals the collected tests out to $shards processes.
+  files=$(ls tests/test_*.py | grep -v cuda_emulation)
   pids=()
-  for i in "${!shards[@]}"; do
+  for ((i = 0; i < shards; i++)); do
     # shellcheck disable=SC2086
-    timeout "$budget" python3 -m pytest ${shards[$i]} -q -rf -p no:cacheprovider "${kargs[@]}" > "$OUT/tests_$i.log" 2>&1 &
+    LLMFAST_TEST_SHARD="$i/$shards" timeout "$budget" python3 -m pytest $files -v --tb=short -rf -p no:cacheprovider \
+      "${kargs[@]}" > "$OUT/tests_$i.log" 2>&1 &
     pids+=($!)
   done
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}"; rc=$?
-    echo "tests shard $i (${shards[$i]}): exit $rc$([ $rc = 124 ] && echo ' TIMED OUT')"
+    echo "tests shard $i/$shards: exit $rc$([ $rc = 124 ] && echo ' TIMED OUT')$([ $rc -gt 128 ] && [ $rc != 137 ] && echo ' CRASHED')"
     tail -1 "$OUT/tests_$i.log"
   done
   cat "$OUT"/tests_*.log > "$OUT/tests.log"; rm -f "$OUT"/tests_*.log
+  grep -B2 -A12 "Fatal Python error" "$OUT/tests.log" | grep -E "Fatal|tests/|llmfast/" | head -20
   echo "tests: $(( $(date +%s) - start )) s"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
+  grep -E "^(FAILED|ERROR)|(FAILED|ERROR) +\[" "$OUT/tests.log" | sort -u | head -60
 fi
 
 if [ "$run_bench" = 1 ]; then

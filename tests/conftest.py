@@ -50,3 +50,15 @@ def poison():
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
         torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+def pytest_collection_modifyitems(config, items):
+    """LLMFAST_TEST_SHARD=i/n keeps every n-th collected test starting at the i-th, so that n
+    processes share one run (scripts/gpu_run.sh runs the GPU tests so: Triton compiles on the
+    CPU, and one process would leave most of the machine's cores idle)."""
+    shard = os.environ.get("LLMFAST_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    config.hook.pytest_deselected(items=[it for pos, it in enumerate(items) if pos % count != index])
+    items[:] = [it for pos, it in enumerate(items) if pos % count == index]
