@@ -70,6 +70,13 @@ cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=Tr
 # runs on several threads in code compiled with OpenMP.
 cxx_flags = ["-O3", "-fopenmp"]
 link_flags = ["-fopenmp"]
+# The C++ runtime must be the shared libstdc++ that torch uses. A compiler set up to link it
+# statically (seen on a GPU machine: CXX=/opt/gcc/bin/g++, a wrapper that adds
+# -static-libstdc++) gives an extension whose every C++ exception (each failed TORCH_CHECK)
+# kills the process with a segmentation fault, or corrupts the error message. An explicit
+# -lstdc++ among the objects binds the shared library whatever the driver adds later.
+if sys.platform.startswith("linux"):
+    link_flags.append("-lstdc++")
 include_dirs = [os.path.join(ROOT, "csrc")]
 
 if _want_cuda():

@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 import llmfast  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Where the triton backend runs: CUDA tensors, or CPU tensors in Triton's interpreter.
+TRITON_DEVICES = [d for d in DEVICES if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"]
 
 
 def backends_for(device):

@@ -14,7 +14,7 @@ import torch
 
 import llmfast
 import llmfast.functional as LF
-from conftest import DEVICES
+from conftest import TRITON_DEVICES
 from llmfast.reference.attention import attention as reference_attention
 
 triton_ok = "triton" in llmfast.available_backends()
@@ -146,7 +146,7 @@ def _pairs():
 
 
 @needs_triton
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("index", range(8))
 def test_every_gpu_tile_shape_is_correct(device, index, poison):
     """Forces each GPU candidate tile shape (forward, dK/dV, dQ) on a causal problem whose
@@ -203,7 +203,7 @@ def test_tuning_report_lists_choices_and_timings(monkeypatch):
 
 
 @needs_triton
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("feature", ["gqa", "softcap_window", "dropout", "mask_grad"])
 def test_fused_dq_plan_matches_two_kernel_plan(device, feature):
     """The fused-dQ backward (atomic fp32 dQ inside the dK/dV kernel) gives the gradients of the

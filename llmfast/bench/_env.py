@@ -92,11 +92,14 @@ def header(device, *, copy_gbps, matmul_tflops, quick):
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    # A copy of the tree without .git (e.g. shipped to a GPU machine) can name its commit in
-    # LLMFAST_GIT_COMMIT.
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    commit = commit or os.environ.get("LLMFAST_GIT_COMMIT") or "unknown"
+    # A copy of the tree shipped to a GPU machine names its commit in LLMFAST_GIT_COMMIT: its
+    # .git, where there is one, can be stale (seen: the session's first commit, "dirty").
+    commit = os.environ.get("LLMFAST_GIT_COMMIT")
+    dirty = None
+    if not commit:
+        commit = _git("rev-parse", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    commit = commit or "unknown"
     return {
         "device": device.type,
         "device_tag": device_tag(device),
