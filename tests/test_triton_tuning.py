@@ -135,6 +135,11 @@ def test_candidate_tables():
                         assert block >= 16 and block & (block - 1) == 0, cfg
                     assert cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 4, cfg
         assert len(pick(64, 2, False)) == 1, "the interpreter runs one fixed tile"
+    # Dropout and GQA (spill_prone) reorder the backward tables (a spill-free default), same shapes.
+    for pick in (tattn._dkdv_candidates, tattn._dq_candidates):
+        for d in (16, 64, 128, 256):
+            for elt in (2, 4):
+                assert set(pick(d, elt, True, spill_prone=True)) == set(pick(d, elt, True)), (pick.__name__, d, elt)
 
 
 def _pairs():

@@ -61,7 +61,7 @@ def recording(module, kernel_names, sink, patches=()):
 
 def _on_gpu(fn):
     """A config function called as if the tensors were on a GPU."""
-    return lambda *args: fn(*args[:-1], True)
+    return lambda d, elt, on_gpu, *rest, **kwargs: fn(d, elt, True, *rest, **kwargs)
 
 
 def compile_launch(fn, args, kwargs, arch):
