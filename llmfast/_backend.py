@@ -26,20 +26,21 @@ from ._errors import BackendUnavailableError
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
-# The auto choice for CUDA tensors, per op. Both entries are provisional until one H100 run
-# measures the two backends side by side (benchmarks/results/): the first run lost the cuda
-# backend to an import bug. Reasoning meanwhile: the C++ op launches in a few microseconds where
-# a Triton launch costs tens, and the per-shape kernel timings taken while the kernels were
-# written were close between the two.
+# The auto choice for CUDA tensors, per op, from the H100 run of 2026-11-23
+# (benchmarks/results/summary_h100.md; bf16, torch 2.11, triton 3.6):
+# - norm: cuda. Forward+backward, the training case, cuda is faster at every shape of
+#   LayerNorm, RMSNorm and add+LayerNorm (e.g. LayerNorm 16384 x 4096: 0.263 ms against
+#   triton's 0.725 ms); triton wins only some forward-only rows (N = 65536, by up to 25%).
+# - cross_entropy: cuda. Faster or within 2% at every shape (8192 x 32000 fwd+bwd: 0.500 ms
+#   against 0.716 ms).
+# - linear_cross_entropy (the cross-entropy kernels on vocabulary chunks): triton, 2-5% faster
+#   forward+backward (16384 x 2048 x 50304: 16.50 ms against 17.28).
+# - attention: triton. Its kernels use Hopper's wgmma; the cuda ones (sm_80 mma.sync, 4 warps)
+#   run at ~100 TFLOP/s, 3-4x slower (2 x 32 x 4096 x 128 causal fwd+bwd: 3.13 ms against 9.71).
 AUTO_CUDA = {
     "norm": "cuda",
-    # Provisional: the CUDA kernel reads each row once (cluster-split rows on Hopper) where the
-    # Triton kernel re-reads rows longer than 32768; to be confirmed by the H100 results.
     "cross_entropy": "cuda",
-    # Provisional, neither attention backend has run on a GPU yet (Triton's kernels in its CPU
-    # interpreter, the CUDA ones in tests/test_cuda_emulation.py's emulator). Triton lowers
-    # tl.dot to Hopper's wgmma on sm_90, where the CUDA kernels use sm_80's mma.sync, so auto
-    # takes Triton until one H100 run measures both.
+    "linear_cross_entropy": "triton",
     "attention": "triton",
 }
 

@@ -375,7 +375,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                                                                 label_smoothing, z_loss, softcap, chunk_size,
                                                                 process_group)
 
-    backend = resolve("cross_entropy", input.device, input.dtype)
+    backend = resolve("linear_cross_entropy", input.device, input.dtype)
     if backend == "reference":
         return _reference.linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index,
                                                reduction=reduction, label_smoothing=label_smoothing,
