@@ -4,7 +4,7 @@
 # Logs and results go under $OUT (the device tool brings them back); benchmark results are
 # also packed into $OUT/results.tgz to be committed under benchmarks/results/.
 #   usage: bash scripts/gpu_run.sh [--no-tests] [--no-bench] [--cmake] [-k PYTEST_EXPR]
-#                                  [--deadline SECONDS] [--shards N] [bench ops...]
+#                                  [--deadline SECONDS] [--shards N] [--profile] [bench ops...]
 # The build is skipped when the in-place extension was built from the same sources (a warm
 # machine keeps it between calls). The test files run in parallel shards (Triton compiles on the
 # CPU; the GPU work of the tests is small). --deadline bounds the whole script so that the logs
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llmfast_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-run_tests=1; run_bench=1; run_cmake=0; kexpr=""; ops=(); deadline=570; shards=8
+run_tests=1; run_bench=1; run_cmake=0; run_profile=0; kexpr=""; ops=(); deadline=570; shards=8
 t0=$(date +%s)
 left() { echo $(( deadline - ($(date +%s) - t0) )); }
 while [ $# -gt 0 ]; do
@@ -23,6 +23,7 @@ while [ $# -gt 0 ]; do
     -k) kexpr="$2"; shift ;;
     --deadline) deadline="$2"; shift ;;
     --shards) shards="$2"; shift ;;
+    --profile) run_profile=1 ;;
     *) ops+=("$1") ;;
   esac
   shift
@@ -88,6 +89,11 @@ if [ "$run_tests" = 1 ]; then
   grep -B2 -A12 "Fatal Python error" "$OUT/tests.log" | grep -E "Fatal|tests/|llmfast/" | head -20
   echo "tests: $(( $(date +%s) - start )) s"
   grep -E "^(FAILED|ERROR)|(FAILED|ERROR) +\[" "$OUT/tests.log" | sort -u | head -60
+fi
+
+if [ "$run_profile" = 1 ]; then
+  timeout 120 python3 scripts/profile_host_overhead.py > "$OUT/host_overhead.txt" 2>&1
+  tail -40 "$OUT/host_overhead.txt"
 fi
 
 if [ "$run_bench" = 1 ]; then
