@@ -340,6 +340,27 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     fn = "linear_cross_entropy"
     _checks.floating(fn, "input", input)
     _checks.floating(fn, "weight", weight)
+    if torch.is_autocast_enabled(input.device.type):
+        # As torch.nn.functional.linear then cross_entropy under autocast: the projection runs
+        # in the autocast dtype (input, weight and bias cast to it; autograd casts the gradients
+        # back) and the loss comes back in float32. Autocast is off inside: the chunked matmuls
+        # must produce the dtypes the gradient buffers were made with.
+        dt = torch.get_autocast_dtype(input.device.type)
+        with torch.autocast(input.device.type, enabled=False):
+            loss = _linear_cross_entropy(
+                input.to(dt), weight.to(dt), target,
+                bias.to(dt) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else bias,
+                ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, process_group)
+        return loss.to(torch.float32)
+    return _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
+                                 softcap, chunk_size, process_group).to(input.dtype)
+
+
+def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                          chunk_size, process_group):
+    """linear_cross_entropy without autocast; the loss in float32 where the kernels compute it
+    (the caller casts it)."""
+    fn = "linear_cross_entropy"
     _checks.tensor(fn, "target", target)
     if input.dim() < 1:
         raise LlmfastValueError(f"{fn}: input must have at least 1 dimension (..., D), got a 0-d tensor")
@@ -396,7 +417,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         chunk, *ops)
     if reduction == "none":
         loss = loss.view(target.shape)
-    return loss.to(input.dtype)
+    return loss
 
 
 # --- attention ----------------------------------------------------------------------------------

@@ -606,6 +606,41 @@ def test_linear_cross_entropy_matches_reference(device, backend, dtype, case, po
         assert err <= limit, f"{backend} grad {what}: relative error {err:.3g} > {limit}"
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_linear_cross_entropy_under_autocast(device, backend, reduction):
+    """Under torch.autocast, as torch's linear + cross_entropy: float32 parameters, the projection
+    in the autocast dtype, the loss in float32, float32 gradients (with and without a bias, and
+    with an input that needs no gradient)."""
+    torch.manual_seed(11)
+    dt = torch.bfloat16 if device == "cpu" else torch.float16
+    x = torch.randn(2, 9, 16, device=device)
+    W = torch.randn(40, 16, device=device) * 0.3
+    b = torch.randn(40, device=device)
+    t = torch.randint(0, 40, (2, 9), device=device)
+    t[0, 3] = -100
+    for bias, x_grad in ((None, True), (b, True), (b, False)):
+        ours_in = [x.clone().requires_grad_(x_grad), W.clone().requires_grad_(), None if bias is None else
+                   bias.clone().requires_grad_()]
+        ref_in = [a.detach().clone().requires_grad_(a.requires_grad) if a is not None else None for a in ours_in]
+        with torch.autocast(device, dtype=dt):
+            with llmfast.use_backend(backend):
+                loss = LF.linear_cross_entropy(ours_in[0], ours_in[1], t, ours_in[2], reduction=reduction)
+            want = torch.nn.functional.cross_entropy(
+                torch.nn.functional.linear(ref_in[0], ref_in[1], ref_in[2]).flatten(0, 1), t.flatten(),
+                reduction=reduction)
+        assert loss.dtype == torch.float32, loss.dtype
+        want = want.view(t.shape) if reduction == "none" else want
+        torch.testing.assert_close(loss, want.float(), atol=2e-2, rtol=2e-2)
+        g = torch.rand_like(loss) + 0.5
+        (loss * g).sum().backward()
+        (want.float() * g).sum().backward()
+        for a, r in zip(ours_in, ref_in):
+            if a is not None and a.requires_grad:
+                assert a.grad.dtype == torch.float32
+                torch.testing.assert_close(a.grad, r.grad, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] != "reference"])
 def test_linear_cross_entropy_default_chunk_and_tied_weight_module(device, backend):
     torch.manual_seed(9)
