@@ -202,7 +202,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     counter catches an autograd node that saved them). It only takes effect for a contiguous
     2-D (N, C) input that needs a gradient; other inputs are copied to (N, C) first anyway.
 
-    The loss is returned in the input's dtype; it is accumulated in fp32 ('mean' divides by the
+    The loss is returned in the input's dtype (in float32 under torch.autocast, as torch's); it
+    is accumulated in fp32 ('mean' divides by the
     sum of the target weights of non-ignored tokens: NaN when all are ignored, as in torch). On
     the CPU, a target outside [0, C) that is not ignore_index raises; the GPU kernels do not
     check (that would synchronise) and treat such a token as ignored.
@@ -257,6 +258,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
     backend = resolve("cross_entropy", input.device, input.dtype)
     if backend == "reference":
+        if torch.is_autocast_enabled(input.device.type) and input.dtype in (torch.float16, torch.bfloat16):
+            input = input.float()  # torch's autocast runs cross_entropy in float32
         return _reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                         z_loss=z_loss, softcap=softcap)
 
@@ -293,6 +296,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         loss, _, _ = fwd(x2d, t1d, w1d, code, *options, needs_grad)
     if code == 0:
         loss = loss.view(target.shape)
+    if torch.is_autocast_enabled(input.device.type):
+        return loss.to(torch.float32)  # torch's autocast runs cross_entropy in float32
     return loss.to(input.dtype)
 
 
@@ -535,6 +540,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Triton's pattern differs.
     """
     fn = "scaled_dot_product_attention"
+    if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
+        # As torch's autocast does for this op: floating inputs (float64 aside), a float mask
+        # included, in the autocast dtype; autocast is off inside.
+        dt = torch.get_autocast_dtype(query.device.type)
+
+        def cast(t):
+            eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            return t.to(dt) if eligible else t
+
+        with torch.autocast(query.device.type, enabled=False):
+            return scaled_dot_product_attention(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p,
+                                                is_causal, scale, enable_gqa, window_size=window_size,
+                                                softcap=softcap, return_lse=return_lse)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if isinstance(t, torch.Tensor) and t.is_nested:
             raise LlmfastTypeError(f"{fn}: {name} is a nested tensor; llmfast takes padded (..., S, D) tensors (pass "

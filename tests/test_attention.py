@@ -372,6 +372,27 @@ def test_backend_choice():
             LF.scaled_dot_product_attention(big, big, big)  # falls back to the reference
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_autocast_casts_inputs_as_torch(device, backend):
+    """Under torch.autocast, as torch: float32 q, k, v and a float mask run in the autocast
+    dtype, the output comes back in it, the gradients in float32."""
+    torch.manual_seed(13)
+    # float16 for Triton's interpreter (its bfloat16 tl.dot is wrong) and on the GPU
+    dt = torch.bfloat16 if device == "cpu" and backend != "triton" else torch.float16
+    q, k, v = (torch.randn(2, 2, s, 16, device=device, requires_grad=True) for s in (9, 11, 11))
+    mask = torch.randn(9, 11, device=device)
+    with torch.autocast(device, dtype=dt):
+        with llmfast.use_backend(backend):
+            out = LF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == want.dtype == dt
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=3e-2)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
 def test_float64_uses_reference_path():
     q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: LF.scaled_dot_product_attention(a, b, c, is_causal=True),

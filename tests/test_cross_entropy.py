@@ -606,6 +606,25 @@ def test_linear_cross_entropy_matches_reference(device, backend, dtype, case, po
         assert err <= limit, f"{backend} grad {what}: relative error {err:.3g} > {limit}"
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_cross_entropy_loss_is_float32_under_autocast(device, backend):
+    """torch's autocast runs cross_entropy in float32: 16-bit logits give a float32 loss."""
+    torch.manual_seed(12)
+    dt = torch.bfloat16 if device == "cpu" else torch.float16
+    x = (torch.randn(7, 33, device=device) * 2).to(dt).requires_grad_()
+    t = torch.randint(0, 33, (7,), device=device)
+    with torch.autocast(device, dtype=dt):
+        with llmfast.use_backend(backend):
+            loss = LF.cross_entropy(x, t, label_smoothing=0.1)
+        want = torch.nn.functional.cross_entropy(x, t, label_smoothing=0.1)
+    assert loss.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
+    (g,) = torch.autograd.grad(loss, x)
+    (g_want,) = torch.autograd.grad(want, x)
+    assert g.dtype == dt
+    torch.testing.assert_close(g.float(), g_want.float(), atol=2e-3, rtol=2e-2)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_linear_cross_entropy_under_autocast(device, backend, reduction):
