@@ -6,6 +6,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -241,12 +242,15 @@ inline void cross_entropy_scale_grad_kernels(at::Tensor& grad_logits, const at::
   if (M == 0 || V == 0) return;
   const device::DeviceGuard guard(grad_logits.device());
   constexpr int64_t kCols = kScaleThreads * kScaleElemsPerThread;
-  const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>((V + kCols - 1) / kCols));
+  const int64_t col_blocks = (V + kCols - 1) / kCols;
+  // Enough blocks to fill the GPU (8 a multiprocessor), never more than there are tiles.
+  const int64_t blocks = std::min<int64_t>(M * col_blocks, 8 * static_cast<int64_t>(device::sm_count()));
   const bool per_row = grad_output.numel() == M && M != 1;
   dispatch_logits_type(grad_logits.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
-    LLMFAST_LAUNCH(ce_scale_grad_kernel<T>, grid, dim3(kScaleThreads), 0, grad_logits.mutable_data_ptr<T>(),
-                   grad_output.const_data_ptr<float>(), static_cast<int>(V), per_row);
+    LLMFAST_LAUNCH(ce_scale_grad_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kScaleThreads), 0,
+                   grad_logits.mutable_data_ptr<T>(), grad_output.const_data_ptr<float>(), M, static_cast<int>(V),
+                   static_cast<int>(col_blocks), per_row);
   });
   device::check_launch();
 }
