@@ -51,8 +51,6 @@ else
   echo "build: $(( $(date +%s) - start )) s"
 fi
 
-python3 scripts/exception_probe.py 2>&1 | tee "$OUT/exception_probe.txt"
-
 if [ "$run_cmake" = 1 ]; then
   # Full CMake build with the CUDA kernels, in the background while the tests run.
   ( cmake -S . -B /tmp/cmake-build -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch;print(torch.utils.cmake_prefix_path)')" \

@@ -26,38 +26,24 @@ def _cases(dev):
     logits = torch.randn(64, 1000, device=dev, dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, 1000, (64,), device=dev)
 
-    def norm(backend, bwd):
+    def case(backend, bwd, forward):
         def run():
             with llmfast.use_backend(backend):
-                y = LF.layer_norm(x, (768,), w, b)
+                y = forward()
             if bwd:
                 y.backward(torch.ones_like(y))
         return run
 
-    def attention(backend, bwd):
-        def run():
-            with llmfast.use_backend(backend):
-                o = LF.scaled_dot_product_attention(q, k, v, is_causal=True)
-            if bwd:
-                o.backward(torch.ones_like(o))
-        return run
-
-    def cross_entropy(backend, bwd):
-        def run():
-            with llmfast.use_backend(backend):
-                loss = LF.cross_entropy(logits, target)
-            if bwd:
-                loss.backward()
-        return run
-
     out = []
-    for backend in ("cuda", "triton"):
-        for bwd in (False, True):
-            mode = "fwd+bwd" if bwd else "fwd"
-            out.append((f"layer_norm 8x768 {backend} {mode}", norm(backend, bwd)))
-            out.append((f"cross_entropy 64x1000 {backend} {mode}", cross_entropy(backend, bwd)))
     for bwd in (False, True):
-        out.append((f"attention 8x16x1024x64 causal triton {'fwd+bwd' if bwd else 'fwd'}", attention("triton", bwd)))
+        mode = "fwd+bwd" if bwd else "fwd"
+        for backend in ("cuda", "triton"):
+            out.append((f"layer_norm 8x768 {backend} {mode}",
+                        case(backend, bwd, lambda: LF.layer_norm(x, (768,), w, b))))
+            out.append((f"cross_entropy 64x1000 {backend} {mode}",
+                        case(backend, bwd, lambda: LF.cross_entropy(logits, target))))
+        out.append((f"attention 8x16x1024x64 causal triton {mode}",
+                    case("triton", bwd, lambda: LF.scaled_dot_product_attention(q, k, v, is_causal=True))))
     return out
 
 

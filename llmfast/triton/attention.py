@@ -654,7 +654,12 @@ def _dkdv_candidates(d: int, elt: int, on_gpu: bool, spill_prone: bool = False) 
         table = [_Config(32, 64, 4, 3), _Config(32, 64, 4, 2), _Config(32, 128, 8, 2), _Config(64, 64, 8, 2),
                  _Config(32, 128, 8, 2, True), _Config(64, 64, 8, 2, True)]
         lean = _Config(32, 128, 8, 2)
-    return [lean] + [c for c in table if c != lean] if spill_prone else table
+    return _lean_first(lean, table) if spill_prone else table
+
+
+def _lean_first(lean: _Config, table: List[_Config]) -> List[_Config]:
+    """`table` with the spill-free `lean` shape moved to the front (the default)."""
+    return [lean] + [c for c in table if c != lean]
 
 
 def _dq_candidates(d: int, elt: int, on_gpu: bool, spill_prone: bool = False) -> List[_Config]:
@@ -672,11 +677,9 @@ def _dq_candidates(d: int, elt: int, on_gpu: bool, spill_prone: bool = False) ->
     if d <= 128:
         # 64 x 64 with 4 warps won every D = 128 class on the H100 (8-30% ahead of the rest);
         # with dropout it spills 40 bytes a thread, 8 warps do not.
-        if spill_prone:
-            return [_Config(64, 64, 8, 2), _Config(64, 64, 4, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3),
-                    _Config(128, 32, 8, 2)]
-        return [_Config(64, 64, 4, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 2),
-                _Config(64, 64, 8, 2)]
+        table = [_Config(64, 64, 4, 2), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 2),
+                 _Config(64, 64, 8, 2)]
+        return _lean_first(_Config(64, 64, 8, 2), table) if spill_prone else table
     return [_Config(32, 32, 4, 2), _Config(32, 64, 4, 2)]
 
 

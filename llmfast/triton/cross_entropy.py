@@ -38,6 +38,8 @@ import triton.language as tl
 
 from llmfast._errors import LlmfastTypeError, LlmfastValueError
 
+from ._device import num_sms
+
 __all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "cross_entropy_scale_grad_"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -445,11 +447,7 @@ def cross_entropy_scale_grad_(grad_logits, grad_output):
     block = min(_SCALE_BLOCK, triton.next_power_of_2(V))
     n_col_blocks = triton.cdiv(V, block)
     n_tiles = M * n_col_blocks
-    dev = grad_logits.device
-    # Enough programs to fill the GPU (8 a multiprocessor); the interpreter runs a few, which
-    # still exercises the loop.
-    programs = min(n_tiles, 8 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda"
-                   else 4)
+    programs = min(n_tiles, 8 * num_sms(grad_logits.device))  # enough to fill the GPU, 8 a multiprocessor
     with _on_device(grad_logits):
         _ce_scale_grad_kernel[(programs,)](
             grad_logits, go, V, n_col_blocks, n_tiles, PER_ROW=grad_output.numel() == M and M != 1, BLOCK=block,

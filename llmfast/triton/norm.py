@@ -34,7 +34,6 @@ Launches work on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was se
 triton was imported (Triton's interpreter, used by the CPU-only tests).
 """
 import contextlib
-import functools
 import os
 from typing import NamedTuple
 
@@ -43,6 +42,8 @@ import triton
 import triton.language as tl
 
 from llmfast._errors import LlmfastTypeError, LlmfastValueError
+
+from ._device import num_sms
 
 __all__ = ["norm_fwd", "norm_bwd"]
 
@@ -69,15 +70,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    # Triton's CPU interpreter runs programs one after another: a few programs are enough
-    # to exercise the persistent loops and the workspace reduction.
-    return 4
 
 
 def _sum_config(n_parts: int, n: int, on_gpu: bool = True):
@@ -663,7 +655,7 @@ def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
             _norm_fwd_kernel[(_cdiv(M, cfg.rows),)](
                 *args, **flags, BLOCK_N=cfg.block, ROWS=cfg.rows, num_warps=cfg.num_warps)
         else:
-            grid = (max(1, min(M, _num_sms(dev) * cfg.programs_per_sm)),)
+            grid = (max(1, min(M, num_sms(dev) * cfg.programs_per_sm)),)
             _norm_fwd_looped_kernel[grid](*args, **flags, CHUNK=cfg.block, num_warps=cfg.num_warps)
     return out, residual_out, mean, rstd
 
@@ -708,7 +700,7 @@ def norm_bwd(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms:
     mean_arg = rstd if rms else mean
     on_gpu = dev.type == "cuda"
     cfg = _bwd_config(N, n_acc, on_gpu)
-    sms = _num_sms(dev)
+    sms = num_sms(dev)
     with _device_ctx(dev):
         if not cfg.looped:
             n_parts = max(1, min(_cdiv(M, cfg.rows), sms * cfg.programs_per_sm))
