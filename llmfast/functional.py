@@ -100,6 +100,13 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
             else (_reference.layer_norm(input, normalized_shape, weight, bias, eps), None)
 
     n = normalized_shape[0] if k == 1 else math.prod(normalized_shape)
+    eager_norm = _ops.norm.EAGER_NORM
+    if backend != "triton" and eager_norm is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        # cpu / cuda in eager mode: one op, any leading shape, a C++ autograd node
+        # (csrc/norm/norm_autograd.cpp).
+        out, residual_out = eager_norm(input if input.is_contiguous() else input.contiguous(), residual, weight, bias,
+                                       eps, rms, n)
+        return out, (residual_out if residual is not None else None)
     x2d = input.reshape(-1, n)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()

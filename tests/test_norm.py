@@ -355,3 +355,29 @@ def test_cuda_kernels_run_on_this_gpu():
     from llmfast import _extension
 
     assert _extension._C.cuda_kernels_run_on(torch.cuda.current_device())
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_eager_outputs_behave_like_torch_outputs(device, backend):
+    """The eager kernels' outputs are ordinary op outputs: they can be changed in place
+    afterwards, the sum of an add variant needs a gradient only when input or residual does
+    (as torch's x + r), and the gradients reach every leaf of any leading shape through one
+    autograd node (for cpu / cuda the C++ node of llmfast::norm, no reshaping views)."""
+    x = torch.randn(2, 3, 16, device=device, requires_grad=True)
+    r = torch.randn(2, 3, 16, device=device)
+    w = torch.randn(16, device=device, requires_grad=True)
+    with llmfast.use_backend(backend):
+        y, s = LF.add_layer_norm(x.detach(), r, (16,), w)
+        assert y.requires_grad and not s.requires_grad
+        y, s = LF.add_layer_norm(x, r, (16,), w)
+        assert y.requires_grad and s.requires_grad
+        if backend in ("cpu", "cuda"):
+            assert y.grad_fn is s.grad_fn and "View" not in type(y.grad_fn).__name__
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad((y * 1.0, s), (x, w), (g, g))
+        y.add_(1.0)  # an output changed in place after its use
+        s.mul_(2.0)
+    ref_y = torch.nn.functional.layer_norm(x + r, (16,), w)
+    ref_gx, ref_gw = torch.autograd.grad((ref_y, x + r), (x, w), (g, g))
+    assert_close(gx, ref_gx, torch.float32, "grad of input")
+    assert_close(gw, ref_gw, torch.float32, "grad of weight")

@@ -3,6 +3,8 @@
 //   norm_cpu.cpp  (TORCH_LIBRARY_IMPL(llmfast, CPU, m))
 //   norm_cuda.cu  (TORCH_LIBRARY_IMPL(llmfast, CUDA, m))
 // Fake (meta) kernels and autograd are registered from Python in llmfast/ops/norm.py.
+// norm (the eager op with a C++ autograd node, any leading shape) is implemented in
+// norm_autograd.cpp; norm_backward_with_graph (its double backward) in llmfast/ops/norm.py.
 //
 // norm_fwd: input (M, N) contiguous; residual (M, N) same dtype or None; weight, bias (N,) of
 //   input's dtype or float32, or None. With a residual the normalized tensor is
@@ -25,5 +27,12 @@ TORCH_LIBRARY_FRAGMENT(llmfast, m) {
   m.def(
       "norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor normed_input, "
       "Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool weight_grad, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms, int n) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "norm_backward_with_graph(Tensor? grad_out, Tensor? grad_residual_out, Tensor normed_input, "
+      "Tensor? weight, float eps, bool rms, int n, bool input_grad, bool weight_grad, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
 }

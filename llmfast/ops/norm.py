@@ -5,6 +5,11 @@ Two op pairs share one contract (see csrc/norm/norm_ops.cpp):
   llmfast::triton_norm_fwd / triton_norm_bwd   Python custom ops around llmfast/triton/norm.py
 For each pair this module registers the fake (meta) kernel used by torch.compile and the
 autograd formula, so both trace under torch.compile(fullgraph=True) and pass opcheck.
+
+Eager calls take the fastest path per backend (see norm_forward): for 'cpu' and 'cuda'
+llmfast::norm, one op whose autograd node is C++ (csrc/norm/norm_autograd.cpp; its double
+backward is norm_backward_with_graph, below); for 'triton' NormFunction, a Python
+autograd.Function around the launchers.
 """
 from typing import Optional, Tuple
 
@@ -95,9 +100,9 @@ class NormFunction(torch.autograd.Function):
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[4]
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        if residual is None:
-            ctx.mark_non_differentiable(residual_out)
-        else:  # for a double backward (the saved sum is this node's own output, see _reference_backward)
+        if residual is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
+            ctx.mark_non_differentiable(residual_out)  # as torch's x + r: no gradient unless x or r has one
+        if residual is not None:  # for a double backward (the saved sum is this node's own output, see _reference_backward)
             input, residual = originals if originals is not None else (input, residual)
             ctx.inputs = _create_graph.InputRefs("add_rms_norm" if rms else "add_layer_norm", input=input,
                                                  residual=residual)
@@ -142,6 +147,51 @@ def _reference_backward(ctx, grad_out, grad_residual_out):
     return grad_in, grad_res, grad_w, grad_b
 
 
+def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps, rms, n, input_grad, weight_grad,
+                         bias_grad):
+    """llmfast::norm_backward_with_graph: the backward of llmfast::norm's C++ node under
+    create_graph=True. The gradients are written out as differentiable torch ops of the
+    normalized tensor, the weight and the incoming gradient (in float32, float64 for float64),
+    so they carry a graph and their own derivatives are exact.
+
+    No torch.autograd.grad runs here: with a residual, normed_input is the node's own output
+    input + residual, and a nested autograd.grad through it would have to run this very node
+    again (the engine cannot tell that the sum does not depend on the weight). Returns (grad of
+    normed_input including grad_residual_out, grad_weight (n,), grad_bias (n,)), an empty
+    tensor for each one not asked for."""
+    compute = torch.float64 if normed_input.dtype == torch.float64 else torch.float32
+    x = normed_input.reshape(-1, n).to(compute)
+    if rms:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = x * rstd
+    else:
+        centered = x - x.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = centered * rstd
+    g = grad_out.reshape(-1, n).to(compute) if grad_out is not None else None
+    empty = normed_input.new_empty((0,))
+    grad_in, grad_w, grad_b = empty, empty, empty
+    if input_grad:
+        if g is not None:
+            gy = g * weight.reshape(n).to(compute) if weight is not None else g
+            along = (gy * xhat).mean(-1, keepdim=True)  # the part of gy along xhat
+            gx = gy - xhat * along if rms else gy - gy.mean(-1, keepdim=True) - xhat * along
+            grad_in = (rstd * gx).to(normed_input.dtype).view(normed_input.shape)
+        else:
+            grad_in = torch.zeros_like(normed_input)
+        if grad_residual_out is not None:
+            grad_in = grad_in + grad_residual_out
+    if weight_grad and weight is not None:
+        grad_w = ((g * xhat).sum(0) if g is not None else x.new_zeros(n)).to(weight.dtype)
+    if bias_grad:
+        grad_b = g.sum(0) if g is not None else x.new_zeros(n)
+    return grad_in, grad_w, grad_b
+
+
+# The eager op of the 'cpu' and 'cuda' backends, or None where llmfast._C predates it.
+EAGER_NORM = None
+
+
 def norm_forward(backend, input, residual, weight, bias, eps, rms, originals=None):
     """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
     returns (out, residual_out), differentiable in eager mode and under torch.compile.
@@ -177,6 +227,9 @@ if _extension.has_extension:
     torch.library.register_fake("llmfast::norm_fwd")(_fwd_fake)
     torch.library.register_fake("llmfast::norm_bwd")(_bwd_fake)
     _register_autograd("llmfast::norm_fwd", torch.ops.llmfast.norm_bwd.default)
+    if hasattr(torch.ops.llmfast, "norm_backward_with_graph"):
+        torch.library.impl("llmfast::norm_backward_with_graph", "CompositeImplicitAutograd")(_backward_with_graph)
+        EAGER_NORM = torch.ops.llmfast.norm.default
 
 
 # --- Triton kernels ---------------------------------------------------------------------------
