@@ -512,6 +512,49 @@ def _attention_gap(backend, d, dv, batch, hq):
     return None
 
 
+_FAST_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
+    """scaled_dot_product_attention's most common call, with little host time: plain 4-D
+    (B, H, S, D) tensors of one kernel dtype and device, as many key as query heads, no mask,
+    no dropout, no extras, outside autocast and torch.compile. Every condition is checked here,
+    cheaply; the output (or None when the general path must handle the call, including every
+    call that raises there) is what the general path returns."""
+    tensor = torch.Tensor
+    if type(query) is not tensor or type(key) is not tensor or type(value) is not tensor:
+        return None  # subclasses (Parameters, DTensors, ...) take the general path
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or query.is_nested:
+        return None
+    dtype, device = query.dtype, query.device
+    if (dtype not in _FAST_ATTENTION_DTYPES or key.dtype is not dtype or value.dtype is not dtype
+            or key.device != device or value.device != device):
+        return None
+    B, H, Sq, D = query.shape
+    if tuple(key.shape) != (B, H, key.shape[2], D) or tuple(value.shape[:3]) != tuple(key.shape[:3]):
+        return None
+    Dv = value.shape[3]
+    if not (0 < B <= _CUDA_MAX_GRID_YZ and 0 < H <= _CUDA_MAX_GRID_YZ and Sq > 0 and key.shape[2] > 0
+            and 0 < D <= 256 and 0 < Dv <= 256):
+        return None
+    if type(dropout_p) not in (float, int) or dropout_p != 0:
+        return None
+    if (is_causal is not False and is_causal is not True) or (enable_gqa is not False and enable_gqa is not True):
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    if torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling():
+        return None
+    backend = resolve("attention", device, dtype)
+    if backend == "reference":
+        return None
+    out, _ = _ops.attention.attention_forward(backend, query, key, value, None, scale, -1, 0 if is_causal else -1,
+                                              0.0, 0.0, None)
+    return out
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, window_size=None, softcap=None, return_lse=False):
     """As torch.nn.functional.scaled_dot_product_attention: query (..., Hq, Sq, D), key
@@ -546,6 +589,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     draw dropout from one counter-based hash of the seed (the same entries for the same seed);
     Triton's pattern differs.
     """
+    if attn_mask is None and window_size is None and softcap is None and return_lse is False:
+        out = _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     fn = "scaled_dot_product_attention"
     if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
         # As torch's autocast does for this op: floating inputs (float64 aside), a float mask

@@ -626,3 +626,47 @@ def test_causal_self_attention(device, backend, num_kv_heads):
         torch.manual_seed(1)
         y2 = block(x)
     torch.testing.assert_close(y1, y2)  # dropout reproducible under torch.manual_seed
+
+
+# --- the eager fast path of scaled_dot_product_attention ------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "triton", "cpu", "cuda"])
+def test_fast_path_equals_general_path(device, backend):
+    """Plain 4-D calls take a short path (llmfast.functional._sdpa_fast); window_size=(-1, -1)
+    means the same attention but takes the general one. Same outputs and gradients, bit for bit,
+    for strided views (a fused QKV projection), causal or not, with and without a scale."""
+    if backend != "auto" and backend not in backends_for(device):
+        pytest.skip(f"{backend} does not run on {device} here")
+    dtype = torch.float16 if device == "cuda" or backend == "triton" else torch.float32
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 33, 3, 2, 40, device=device, dtype=dtype)
+    grad = torch.randn(2, 2, 33, 40, device=device, dtype=dtype)
+    for is_causal, scale in ((False, None), (True, None), (True, 0.3)):
+        results = []
+        for window in (None, (-1, -1)):
+            q, k, v = (qkv[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3))
+            with llmfast.use_backend(backend):
+                out = LF.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, window_size=window)
+                grads = torch.autograd.grad(out, (q, k, v), grad)
+            assert out.shape == (2, 2, 33, 40) and torch.isfinite(out).all()
+            results.append((out, *grads))
+        for fast, general in zip(*results):
+            torch.testing.assert_close(fast, general, atol=0, rtol=0)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        gold, _ = reference_attention(q.double(), k.double(), v.double(), None, 0.0, is_causal, scale)
+        lowp, _ = reference_attention(q, k, v, None, 0.0, is_causal, scale, compute_dtype=dtype)
+        _fa_rule(results[0][0], gold, lowp, dtype, f"fast path, causal={is_causal}, scale={scale}")
+
+
+def test_fast_path_leaves_bad_arguments_to_the_checks():
+    """Arguments the short path does not take go to the general path, which names them."""
+    q = torch.randn(1, 2, 8, 16)
+    for kwargs, match in (({"is_causal": 1}, "is_causal"), ({"enable_gqa": "yes"}, "enable_gqa"),
+                          ({"dropout_p": 1.5}, "dropout_p"), ({"scale": float("inf")}, "scale"),
+                          ({"return_lse": 0}, "return_lse")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            LF.scaled_dot_product_attention(q, q, q, **kwargs)
+    with pytest.raises((TypeError, ValueError), match="value"):
+        LF.scaled_dot_product_attention(q, q, torch.randn(1, 2, 9, 16))
+    with pytest.raises((TypeError, ValueError), match="key"):
+        LF.scaled_dot_product_attention(q, q.half(), q)

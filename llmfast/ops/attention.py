@@ -14,6 +14,7 @@ delta = rowsum(dO * O) - dlse). This module registers the fake kernels used by t
 the autograd formula, so the ops trace under torch.compile(fullgraph=True) and pass opcheck;
 AttentionFunction is the eager fast path, as NormFunction is for the norms.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -126,15 +127,25 @@ def _reference_backward(ctx, grad_out, grad_lse):
     return _create_graph.reference_grads(attention, (query, key, value, attn_mask), needs, (grad_out, grad_lse))
 
 
+_KERNELS = {}
+
+
 def kernels(backend):
-    """The (forward, backward) op pair of `backend`: the Triton kernels, or the C++ ops of
+    """The (forward, backward) op pair of `backend`: the Triton launchers (without their
+    argument checks: llmfast.functional has checked what it passes), or the C++ ops of
     llmfast._C ('cpu' and 'cuda': one schema, dispatched on the tensors' device). Eager calls
     go below the autograd key, so these are the plain ops."""
-    if backend == "triton":
-        from ..triton import attention as triton_kernels
+    pair = _KERNELS.get(backend)
+    if pair is None:
+        if backend == "triton":
+            from ..triton import attention as triton_kernels
 
-        return triton_kernels.attention_fwd, triton_kernels.attention_bwd
-    return torch.ops.llmfast.attention_fwd.default, torch.ops.llmfast.attention_bwd.default
+            pair = (functools.partial(triton_kernels.attention_fwd, checked=False),
+                    functools.partial(triton_kernels.attention_bwd, checked=False))
+        else:
+            pair = (torch.ops.llmfast.attention_fwd.default, torch.ops.llmfast.attention_bwd.default)
+        _KERNELS[backend] = pair
+    return pair
 
 
 def attention_forward(backend, query, key, value, attn_mask, scale, window_left, window_right, softcap,

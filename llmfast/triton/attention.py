@@ -56,6 +56,7 @@ was imported (Triton's interpreter, used by the CPU-only tests; its bf16 tl.dot 
 test there in fp16 / fp32).
 """
 import contextlib
+import functools
 import os
 from typing import List, NamedTuple, Optional
 
@@ -577,6 +578,15 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def _cached_table(pick):
+    """A candidate-table function, memoized (launchers ask on every call) and returning a tuple
+    (shared between calls, so it must not be modified)."""
+    @functools.lru_cache(maxsize=None)
+    def cached(*args, **kwargs):
+        return tuple(pick(*args, **kwargs))
+    return functools.wraps(pick)(cached)
+
+
 class _Config(NamedTuple):
     block_m: int
     block_n: int
@@ -591,6 +601,7 @@ class _Config(NamedTuple):
 _INTERPRET_TILES = (32, 32)
 
 
+@_cached_table
 def _fwd_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
     """Forward tiles for head dim d (the larger of D and Dv, padded to a power of two) and
     element size elt; the first is the default, the others are measured against it on large
@@ -622,6 +633,7 @@ def _fwd_candidates(d: int, elt: int, on_gpu: bool) -> List[_Config]:
     return [_Config(64, 32, 4, 2), _Config(128, 32, 8, 2), _Config(64, 64, 8, 2), _Config(128, 64, 8, 2)]
 
 
+@_cached_table
 def _dkdv_candidates(d: int, elt: int, on_gpu: bool, spill_prone: bool = False) -> List[_Config]:
     """dK/dV tiles: block_n keys owned by a program (K, V, dK, dV stay on chip: 4 x block_n x d,
     dK and dV in fp32), block_m queries per step. First is the default, as _fwd_candidates.
@@ -662,6 +674,7 @@ def _lean_first(lean: _Config, table: List[_Config]) -> List[_Config]:
     return [lean] + [c for c in table if c != lean]
 
 
+@_cached_table
 def _dq_candidates(d: int, elt: int, on_gpu: bool, spill_prone: bool = False) -> List[_Config]:
     """dQ tiles: block_m queries owned by a program (Q, dO, dQ on chip), block_n keys per step.
     spill_prone (dropout or GQA) as in _dkdv_candidates."""
@@ -768,7 +781,7 @@ def _check_qkv(op, query, key, value):
 
 
 def _mask_args(op, attn_mask, shape, device):
-    """(mask tensor for the kernel, MASK_KIND, MASK_ROW, its 4 strides)."""
+    """(mask tensor for the kernel, MASK_KIND, MASK_ROW, its 4 strides), after checks."""
     if attn_mask is None:
         return None, _NO_MASK, False, (0, 0, 0, 0)
     if tuple(attn_mask.shape) != shape:
@@ -776,12 +789,19 @@ def _mask_args(op, attn_mask, shape, device):
                                 f"{tuple(attn_mask.shape)}")
     if attn_mask.device != device:
         raise LlmfastTypeError(f"{op}: attn_mask must be on {device}, got {attn_mask.device}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOAT_DTYPES and attn_mask.dtype != torch.float64:
+        raise LlmfastTypeError(f"{op}: attn_mask must be bool or floating, got {attn_mask.dtype}")
+    return _mask_layout(attn_mask, shape)
+
+
+def _mask_layout(attn_mask, shape):
+    """_mask_args without the checks (for arguments llmfast.functional already checked)."""
+    if attn_mask is None:
+        return None, _NO_MASK, False, (0, 0, 0, 0)
     if attn_mask.dtype == torch.bool:
         kind, mask = _BOOL_MASK, attn_mask.view(torch.uint8)
-    elif attn_mask.dtype in _FLOAT_DTYPES or attn_mask.dtype == torch.float64:
-        kind, mask = _ADD_MASK, attn_mask
     else:
-        raise LlmfastTypeError(f"{op}: attn_mask must be bool or floating, got {attn_mask.dtype}")
+        kind, mask = _ADD_MASK, attn_mask
     strides = mask.stride()
     # A key-padding mask (stride 0 over queries, or one query) is read as one row per tile.
     return mask, kind, strides[2] == 0 or shape[2] == 1, strides
@@ -832,17 +852,24 @@ def _scales(scale, softcap):
 
 
 def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: float, window_left: int,
-                  window_right: int, softcap: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None):
+                  window_right: int, softcap: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
+                  checked: bool = True):
     """Forward. query (B, Hq, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv), any strides;
     attn_mask None or (B, Hq, Sq, Sk) bool / floating, any strides (expanded views welcome);
     window_left / window_right >= 0 bound the band (-1: unbounded; causal is window_right = 0);
     softcap 0 = off. Returns (out (B, Hq, Sq, Dv) contiguous in query's dtype,
-    lse (B, Hq, Sq) fp32, natural log, -inf for rows with no visible key)."""
+    lse (B, Hq, Sq) fp32, natural log, -inf for rows with no visible key).
+    checked=False skips the argument checks, for llmfast's own callers that made the
+    arguments (llmfast.functional's eager path; each check costs host time on every call)."""
     op = "llmfast.triton attention_fwd"
-    B, Hq, Hkv, Sq, Sk, D, Dv = _check_qkv(op, query, key, value)
     dev = query.device
-    dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
-    mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
+    if checked:
+        B, Hq, Hkv, Sq, Sk, D, Dv = _check_qkv(op, query, key, value)
+        dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
+        mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
+    else:
+        (B, Hq, Sq, D), Hkv, Sk, Dv = query.shape, key.shape[1], key.shape[2], value.shape[3]
+        mask, kind, mask_row, ms = _mask_layout(attn_mask, (B, Hq, Sq, Sk))
     out = torch.empty((B, Hq, Sq, Dv), dtype=query.dtype, device=dev)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
     if B * Hq * Sq == 0:
@@ -874,25 +901,29 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
 def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torch.Tensor],
                   attn_mask: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
                   softcap: float, dropout_p: float = 0.0, seed: Optional[torch.Tensor] = None,
-                  mask_grad: bool = False):
+                  mask_grad: bool = False, checked: bool = True):
     """Backward of attention_fwd. grad_out like out (any strides); grad_lse (B, Hq, Sq) fp32 or
     None. Returns (grad_query, grad_key, grad_value) contiguous in the inputs' dtype, and
     grad_mask: (B, Hq, Sq, Sk) in attn_mask's dtype when mask_grad (an additive mask), else
-    an empty (0,) tensor."""
+    an empty (0,) tensor. checked=False as in attention_fwd (lse is then the forward's own)."""
     op = "llmfast.triton attention_bwd"
-    B, Hq, Hkv, Sq, Sk, D, Dv = _check_qkv(op, query, key, value)
     dev = query.device
-    dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
-    for name, t, shape in (("grad_out", grad_out, (B, Hq, Sq, Dv)), ("out", out, (B, Hq, Sq, Dv)),
-                           ("lse", lse, (B, Hq, Sq)), ("grad_lse", grad_lse, (B, Hq, Sq))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise LlmfastValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
-        if t.device != dev:
-            raise LlmfastTypeError(f"{op}: {name} must be on {dev}, got {t.device}")
-    lse = lse.to(torch.float32).contiguous()
-    mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
+    if checked:
+        B, Hq, Hkv, Sq, Sk, D, Dv = _check_qkv(op, query, key, value)
+        dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
+        for name, t, shape in (("grad_out", grad_out, (B, Hq, Sq, Dv)), ("out", out, (B, Hq, Sq, Dv)),
+                               ("lse", lse, (B, Hq, Sq)), ("grad_lse", grad_lse, (B, Hq, Sq))):
+            if t is None:
+                continue
+            if tuple(t.shape) != shape:
+                raise LlmfastValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+            if t.device != dev:
+                raise LlmfastTypeError(f"{op}: {name} must be on {dev}, got {t.device}")
+        lse = lse.to(torch.float32).contiguous()
+        mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
+    else:
+        (B, Hq, Sq, D), Hkv, Sk, Dv = query.shape, key.shape[1], key.shape[2], value.shape[3]
+        mask, kind, mask_row, ms = _mask_layout(attn_mask, (B, Hq, Sq, Sk))
     mask_grad = bool(mask_grad) and kind == _ADD_MASK
     grad_query = torch.empty((B, Hq, Sq, D), dtype=query.dtype, device=dev)
     grad_key = torch.empty((B, Hkv, Sk, D), dtype=key.dtype, device=dev)
