@@ -364,25 +364,29 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
 
 
 # Backward, dQ. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Reads its Q, dO tiles, lse and delta once and
-# the K, V tiles of its key range once, writes its dQ tile once.
+# the K, V tiles of its key range once, writes its dQ tile once. With COMPUTE_DELTA it computes
+# its rows' delta from O and dO first (and stores it for the dK/dV kernel) instead of reading it.
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # as in the forward; DO (B, Hq, Sq, DV) any strides
-    LSE, DELTA,  # (B * Hq, Sq) fp32
+    LSE, DELTA,  # (B * Hq, Sq) fp32; DELTA is written here when COMPUTE_DELTA, else read
     DQ,  # (B, Hq, Sq, D) out
     MASK, SEED,
+    O, DLSE,  # COMPUTE_DELTA only: the forward's output (B, Hq, Sq, DV) any strides; dlse as DELTA or a dummy
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_od,
     H, GROUP, Sq, Sk,
     scale, qk_scale, cap_scale, window_left, window_right, dropout_p, keep_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, SOFTCAP: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COMPUTE_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     # 1-D grid, query tiles fastest: programs in flight share a head's K and V in L2, and
     # B * H is not bounded by the 65535 limit of a grid's second dimension.
@@ -408,7 +412,18 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf"))
     # A fully masked row has lse = -inf; +inf makes its recomputed P exactly 0.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
+    if COMPUTE_DELTA:
+        # The backward preprocess (_attn_bwd_delta_kernel's arithmetic, so the same bits) done
+        # by the program that owns these query rows, saving a kernel launch; the dK/dV kernel,
+        # launched after this one, reads what it stores.
+        o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :] * stride_od,
+                    mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
+        tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, delta, mask=m_ok)
+    else:
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     mask_base = MASK + b * stride_mb + h * stride_mh
@@ -965,23 +980,28 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
             num_stages=cfg.num_stages,
         )
 
-    def launch_dq(cfg):
+    def launch_dq(cfg):  # also computes delta (COMPUTE_DELTA): launch it before the dK/dV kernel
         _attn_bwd_dq_kernel[(_cdiv(Sq, cfg.block_m) * B * Hq,)](
             query, key, value, grad_out, lse, delta, grad_query, mask_ptr, seed_ptr,
+            out, dlse if dlse is not None else delta,
             *query.stride(), *key.stride(), *value.stride(), *grad_out.stride(), *grad_query.stride(), *ms,
+            *out.stride(),
             Hq, Hq // Hkv, Sq, Sk,
             scale, qk_scale, cap_scale, window_left, window_right, dropout_p, _keep_scale(dropout_p),
             **dims, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, MASK_KIND=kind, MASK_ROW=mask_row,
-            **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **flags, COMPUTE_DELTA=True, HAS_DLSE=dlse is not None, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
 
-    with _device_ctx(dev):
+    def launch_delta():  # the preprocess on its own, for the fused-dQ plans (no dQ kernel)
         block_pre = 64 if on_gpu else 32
         _attn_bwd_delta_kernel[(_cdiv(Sq, block_pre) * B * Hq,)](
             out, grad_out, dlse if dlse is not None else delta, delta,
             *out.stride(), *grad_out.stride(), Hq, Sq,
             DV=Dv, BLOCK_DV=dims["BLOCK_DV"], BLOCK_M=block_pre, HAS_DLSE=dlse is not None,
         )
+
+    with _device_ctx(dev):
         deterministic = torch.are_deterministic_algorithms_enabled()
         key_ = _tune_key(B, Hq, Hkv, Sq, Sk, D, Dv, query.dtype, kind, mask_row, mask_grad, deterministic,
                          *flags.values())
@@ -991,16 +1011,23 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
         dq_candidates = _dq_candidates(d, elt, on_gpu, spill_prone=spill_prone)
         dq_cfg = DQ_TUNER.choose(key_, dq_candidates, launch_dq, device=dev, large=large)
 
-        def plan(cfg):  # what a dK/dV candidate costs: itself, plus the dQ kernel unless fused
-            launch_dkdv(cfg)
-            if not cfg.fused_dq:
+        def plan(cfg):  # what a dK/dV candidate costs: itself, plus the dQ kernel (or the preprocess) before it
+            if cfg.fused_dq:
+                launch_delta()
+            else:
                 launch_dq(dq_cfg)
+            launch_dkdv(cfg)
 
         candidates = [c for c in _dkdv_candidates(d, elt, on_gpu, spill_prone=spill_prone)
                       if not (c.fused_dq and deterministic)]
-        cfg = DKDV_TUNER.run(key_, candidates, launch_dkdv, device=dev, large=large, measure=plan)
+        chosen = DKDV_TUNER.choose(key_, candidates, plan, device=dev, large=large)
+        if chosen.fused_dq:
+            launch_delta()
+        else:  # dQ first: it writes the delta that the dK/dV kernel reads
+            DQ_TUNER.launch_fitting(key_, dq_cfg, dq_candidates, launch_dq)
+        cfg = DKDV_TUNER.launch_fitting(key_, chosen, candidates, launch_dkdv)
         if cfg.fused_dq:
             grad_query.copy_(dq_acc[0])
-        else:
+        elif chosen.fused_dq:  # the fused plan did not fit this GPU: dQ from its own kernel after all
             DQ_TUNER.launch_fitting(key_, dq_cfg, dq_candidates, launch_dq)
     return grad_query, grad_key, grad_value, grad_mask
