@@ -1,0 +1,105 @@
+"""Host time of llmfast's Python layer on a CPU machine, where no GPU measures it.
+
+On the H100 host, small calls are bound by host time (benchmarks/NOTES.md). What llmfast adds
+in Python is the same work on any machine, so this measures it here:
+- attention: llmfast.functional.scaled_dot_product_attention on the 'triton' backend with every
+  Triton kernel replaced by a no-op (so neither the interpreter nor Triton's launcher is
+  timed: only llmfast's checks, dispatch, autograd and launcher bookkeeping), forward and
+  forward+backward (torch.autograd.grad);
+- layer_norm: the 'cpu' backend at 8 x 768 fp32 against torch eager (kernels included; tiny).
+Best of several loops, microseconds per call, one thread. Writes JSON to the path given.
+
+Run: TRITON_INTERPRET=1 python scripts/python_path_cost.py OUT.json
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+import llmfast  # noqa: E402
+import llmfast.functional as LF  # noqa: E402
+
+
+def _best_us(fn, iters=2000, reps=5):
+    for _ in range(200):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / iters * 1e6)
+    return best
+
+
+class _NoKernel:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def attention_cases():
+    from llmfast.triton import attention as ta
+
+    for name in ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        setattr(ta, name, _NoKernel())
+    q, k, v = (torch.randn(2, 2, 16, 64, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    g = torch.ones(2, 2, 16, 64, dtype=torch.float16)
+
+    def fwd():
+        with llmfast.use_backend("triton"):
+            return LF.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        torch.autograd.grad(fwd(), (q, k, v), g)
+
+    return {"attention triton (kernels stubbed) fwd": fwd, "attention triton (kernels stubbed) fwd+bwd": fwd_bwd}
+
+
+def norm_cases():
+    x = torch.randn(8, 768, requires_grad=True)
+    w = torch.randn(768, requires_grad=True)
+    b = torch.randn(768, requires_grad=True)
+    g = torch.ones(8, 768)
+
+    def ours():
+        with llmfast.use_backend("cpu"):
+            return LF.layer_norm(x, (768,), w, b)
+
+    def theirs():
+        return torch.nn.functional.layer_norm(x, (768,), w, b)
+
+    return {
+        "layer_norm 8x768 cpu fwd": ours,
+        "layer_norm 8x768 cpu fwd+bwd": lambda: torch.autograd.grad(ours(), (x, w, b), g),
+        "layer_norm 8x768 torch fwd": theirs,
+        "layer_norm 8x768 torch fwd+bwd": lambda: torch.autograd.grad(theirs(), (x, w, b), g),
+    }
+
+
+def main(out_path):
+    torch.set_num_threads(1)
+    cases = {**norm_cases(), **attention_cases()}
+    results = {}
+    for name, fn in cases.items():
+        results[name] = round(_best_us(fn), 2)
+        print(f"{name:48s} {results[name]:8.1f} us", flush=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = None
+    meta = {"what": __doc__.splitlines()[0], "unit": "us per call (best of 5 loops)", "commit": commit,
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    with open(out_path, "w") as f:
+        json.dump({"meta": meta, "us": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "python_path_cost.json")
