@@ -104,8 +104,7 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
     if backend != "triton" and eager_norm is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         # cpu / cuda in eager mode: one op, any leading shape, a C++ autograd node
         # (csrc/norm/norm_autograd.cpp).
-        out, residual_out = eager_norm(input if input.is_contiguous() else input.contiguous(), residual, weight, bias,
-                                       eps, rms, n)
+        out, residual_out = eager_norm(input, residual, weight, bias, eps, rms, k)
         return out, (residual_out if residual is not None else None)
     x2d = input.reshape(-1, n)
     if not x2d.is_contiguous():

@@ -246,6 +246,12 @@ def test_opcheck(device, backend, rms, with_residual):
     gy = torch.randn_like(out)
     torch.library.opcheck(bwd, (gy, torch.randn_like(out) if with_residual else None, normed, w.detach(), mean, rstd,
                                 rms, True, True))
+    if backend in ("cpu", "cuda"):  # the eager op with the C++ autograd node: any shape, any strides
+        x3 = torch.randn(3, 8, 40, device=device).transpose(0, 1).requires_grad_()
+        r3 = torch.randn(8, 3, 40, device=device, requires_grad=True) if with_residual else None
+        torch.library.opcheck(torch.ops.llmfast.norm, (x3, r3, w, b, 1e-5, rms, 1))
+        w2 = torch.randn(3, 40, device=device, requires_grad=True)
+        torch.library.opcheck(torch.ops.llmfast.norm, (x3, r3, w2, None, 1e-5, rms, 2))
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params()])

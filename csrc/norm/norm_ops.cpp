@@ -29,10 +29,12 @@ TORCH_LIBRARY_FRAGMENT(llmfast, m) {
       "Tensor? weight, Tensor mean, Tensor rstd, bool rms, bool weight_grad, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
-      "norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms, int n) "
+      "norm(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms, "
+      "int normalized_ndim) "
       "-> (Tensor, Tensor)");
   m.def(
       "norm_backward_with_graph(Tensor? grad_out, Tensor? grad_residual_out, Tensor normed_input, "
-      "Tensor? weight, float eps, bool rms, int n, bool input_grad, bool weight_grad, bool bias_grad) "
+      "Tensor? weight, float eps, bool rms, int normalized_ndim, bool input_grad, bool weight_grad, "
+      "bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
 }

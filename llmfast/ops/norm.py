@@ -11,6 +11,7 @@ llmfast::norm, one op whose autograd node is C++ (csrc/norm/norm_autograd.cpp; i
 backward is norm_backward_with_graph, below); for 'triton' NormFunction, a Python
 autograd.Function around the launchers.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -147,8 +148,8 @@ def _reference_backward(ctx, grad_out, grad_residual_out):
     return grad_in, grad_res, grad_w, grad_b
 
 
-def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps, rms, n, input_grad, weight_grad,
-                         bias_grad):
+def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps, rms, normalized_ndim, input_grad,
+                         weight_grad, bias_grad):
     """llmfast::norm_backward_with_graph: the backward of llmfast::norm's C++ node under
     create_graph=True. The gradients are written out as differentiable torch ops of the
     normalized tensor, the weight and the incoming gradient (in float32, float64 for float64),
@@ -159,6 +160,7 @@ def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps,
     again (the engine cannot tell that the sum does not depend on the weight). Returns (grad of
     normed_input including grad_residual_out, grad_weight (n,), grad_bias (n,)), an empty
     tensor for each one not asked for."""
+    n = math.prod(normed_input.shape[normed_input.dim() - normalized_ndim:])
     compute = torch.float64 if normed_input.dtype == torch.float64 else torch.float32
     x = normed_input.reshape(-1, n).to(compute)
     if rms:
