@@ -67,8 +67,11 @@ cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=Tr
 cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
 
 # torch picks the C++ standard its headers need (C++17 or C++20). ATen's at::parallel_for only
-# runs on several threads in code compiled with OpenMP.
-cxx_flags = ["-O3", "-fopenmp"]
+# runs on several threads in code compiled with OpenMP. -fno-trapping-math lets the compiler
+# turn the CPU kernels' floating-point selects into SIMD blends (with the default
+# -ftrapping-math, GCC keeps a branch per element and the loops stay scalar); llmfast never
+# reads floating-point exception flags.
+cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
 link_flags = ["-fopenmp"]
 # The C++ runtime must be the shared libstdc++ that torch uses. A compiler set up to link it
 # statically (seen on a GPU machine: CXX=/opt/gcc/bin/g++, a wrapper that adds
