@@ -74,7 +74,7 @@ if [ "$run_tests" = 1 ]; then
   pids=()
   for ((i = 0; i < shards; i++)); do
     # shellcheck disable=SC2086
-    LLMFAST_TEST_SHARD="$i/$shards" timeout "$budget" python3 -m pytest $files -v --tb=short -rf -p no:cacheprovider \
+    LLMFAST_TEST_SHARD="$i/$shards" timeout "$budget" python3 -m pytest $files -v --tb=short -rf -p no:cacheprovider --durations=15 \
       "${kargs[@]}" > "$OUT/tests_$i.log" 2>&1 &
     pids+=($!)
   done
