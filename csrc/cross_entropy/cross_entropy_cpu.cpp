@@ -32,6 +32,31 @@
 #include "common/cpu_utils.h"
 
 namespace llmfast {
+namespace cpu_simd {
+
+// The row kernel's two hottest loops, compiled twice by GCC on x86-64 (AVX2, 8 floats an
+// instruction, and the SSE2 baseline), the variant picked when the library loads. They have
+// external linkage (outside the anonymous namespace), the form of GCC's ifunc dispatch that
+// every GCC version supports.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LLMFAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LLMFAST_SIMD_CLONES
+#endif
+
+// max_i x[i] (NaNs skipped, as the scalar `a < b ? b : a` form skips them).
+LLMFAST_SIMD_CLONES float ce_row_max(const float* x, int64_t n) {
+  return lane_max<16>(n, [&](int64_t i) { return x[i]; }, -std::numeric_limits<float>::infinity());
+}
+
+// e[i] = exp(x[i] - m); returns sum_i e[i].
+LLMFAST_SIMD_CLONES float ce_exp_shifted(const float* x, float* e, int64_t n, float m) {
+  for (int64_t i = 0; i < n; ++i) e[i] = exp_nonpositive(x[i] - m);
+  return lane_sum<16>(n, [&](int64_t i) { return e[i]; });
+}
+
+}  // namespace cpu_simd
+
 namespace {
 
 constexpr const char* kFwd = "llmfast::cross_entropy_fwd";
@@ -66,25 +91,6 @@ struct FwdArgs {
   float grad_scale;  // 1 / sum w[t] for 'mean', else 1
 };
 
-// The row kernel's two hottest loops, compiled twice by GCC on x86-64 (AVX2, 8 floats an
-// instruction, and the SSE2 baseline), the variant picked when the library loads.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LLMFAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LLMFAST_SIMD_CLONES
-#endif
-
-// max_i x[i] (NaNs skipped, as the scalar `a < b ? b : a` form skips them).
-LLMFAST_SIMD_CLONES float row_max(const float* x, int64_t n) {
-  return lane_max<kLanes>(n, [&](int64_t i) { return x[i]; }, -std::numeric_limits<float>::infinity());
-}
-
-// e[i] = exp(x[i] - m); returns sum_i e[i].
-LLMFAST_SIMD_CLONES float exp_shifted(const float* x, float* e, int64_t n, float m) {
-  for (int64_t i = 0; i < n; ++i) e[i] = exp_nonpositive(x[i] - m);
-  return lane_sum<kLanes>(n, [&](int64_t i) { return e[i]; });
-}
-
 // Rows [begin, end). Reads each non-ignored row once; writes its gradient row once. Every
 // pass over the row runs branch-free on the thread's buffers (so it vectorises); the target
 // column's gradient is fixed up afterwards.
@@ -112,8 +118,8 @@ void ce_fwd_rows(const FwdArgs<T>& a, int64_t begin, int64_t end) {
       for (int64_t i = 0; i < V; ++i) x[i] = static_cast<float>(src[i]);
     }
 
-    const float m = row_max(x, V);
-    const float sum = exp_shifted(x, e, V, m);
+    const float m = cpu_simd::ce_row_max(x, V);
+    const float sum = cpu_simd::ce_exp_shifted(x, e, V, m);
     const float log_sum = std::log(sum);
     const float lse = m + log_sum;
     const float w_t = a.w != nullptr ? a.w[t] : 1.0f;
