@@ -321,6 +321,14 @@ def test_op_level_checks_name_the_argument(device):
                      False, False, False), "mean"),
         (lambda: bwd(x, None, x, None, torch.randn(4, device=device), torch.randn(4, device=device),
                      False, True, False), "weight"),
+        # llmfast::norm, the eager op of llmfast.functional (any leading shape)
+        (lambda: torch.ops.llmfast.norm(x.view(2, 2, 8), torch.randn(2, 8, 2, device=device), None, None, 1e-5,
+                                        False, 1), r"residual must have input's shape \[2, 2, 8\], got \[2, 8, 2\]"),
+        (lambda: torch.ops.llmfast.norm(x.view(2, 2, 8), None, torch.randn(4, 4, device=device), None, 1e-5,
+                                        False, 2), r"weight must have the normalized shape \[2, 8\], got \[4, 4\]"),
+        (lambda: torch.ops.llmfast.norm(x, None, None, torch.randn(2, 4, device=device), 1e-5, False, 1),
+         r"bias must have the normalized shape \[8\], got \[2, 4\]"),
+        (lambda: torch.ops.llmfast.norm(x, None, None, None, 1e-5, False, 3), "normalized_ndim must be in"),
     ]
     for call, name in cases:
         with pytest.raises(RuntimeError, match=name):

@@ -103,7 +103,15 @@ struct NormFunction : public torch::autograd::Function<NormFunction> {
     const bool has_weight = weight.has_value() && weight->defined();
     const bool has_bias = bias.has_value() && bias->defined();
     if (has_residual) {
-      TORCH_CHECK(residual->dim() == input.dim(), "llmfast::norm: residual must have input's shape");
+      TORCH_CHECK(residual->sym_sizes() == input.sym_sizes(), "llmfast::norm: residual must have input's shape ",
+                  input.sym_sizes(), ", got ", residual->sym_sizes());
+    }
+    const c10::SymIntArrayRef normalized = input.sym_sizes().slice(input.dim() - normalized_ndim);
+    for (const auto& [name, p] : {std::pair<const char*, const OptTensor&>{"weight", weight}, {"bias", bias}}) {
+      if (p.has_value() && p->defined()) {
+        TORCH_CHECK(p->sym_sizes() == normalized, "llmfast::norm: ", name, " must have the normalized shape ",
+                    normalized, ", got ", p->sym_sizes());
+      }
     }
     const c10::SymInt n = trailing_numel(input, normalized_ndim);
     // (M, n) is input's own shape when it is 2-D with one normalized dim: no reshaping at all.
