@@ -99,13 +99,13 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
         return _reference.add_layer_norm(input, residual, normalized_shape, weight, bias, eps) if residual is not None \
             else (_reference.layer_norm(input, normalized_shape, weight, bias, eps), None)
 
-    n = normalized_shape[0] if k == 1 else math.prod(normalized_shape)
     eager_norm = _ops.norm.EAGER_NORM
     if backend != "triton" and eager_norm is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         # cpu / cuda in eager mode: one op, any leading shape, a C++ autograd node
         # (csrc/norm/norm_autograd.cpp).
         out, residual_out = eager_norm(input, residual, weight, bias, eps, rms, k)
         return out, (residual_out if residual is not None else None)
+    n = normalized_shape[0] if k == 1 else math.prod(normalized_shape)
     x2d = input.reshape(-1, n)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
@@ -116,8 +116,7 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
         w1d = w1d.contiguous()
     if b1d is not None and not b1d.is_contiguous():
         b1d = b1d.contiguous()
-    out, residual_out = _ops.norm.norm_forward(backend, x2d, r2d, w1d, b1d, eps, rms,
-                                               (input, residual) if residual is not None else None)
+    out, residual_out = _ops.norm.norm_forward(backend, x2d, r2d, w1d, b1d, eps, rms)
     out = out.view(shape)
     return out, (residual_out.view(shape) if residual is not None else None)
 
@@ -512,6 +511,8 @@ def _attention_gap(backend, d, dv, batch, hq):
 
 
 _FAST_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Head dims every kernel backend takes (larger ones may need the general path's fallback).
+_FAST_ATTENTION_MAX_HEAD_DIM = min(_ops.attention.TRITON_MAX_HEAD_DIM, _ops.attention.CUDA_MAX_HEAD_DIM)
 
 
 def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
@@ -534,7 +535,7 @@ def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
         return None
     Dv = value.shape[3]
     if not (0 < B <= _CUDA_MAX_GRID_YZ and 0 < H <= _CUDA_MAX_GRID_YZ and Sq > 0 and key.shape[2] > 0
-            and 0 < D <= 256 and 0 < Dv <= 256):
+            and 0 < D <= _FAST_ATTENTION_MAX_HEAD_DIM and 0 < Dv <= _FAST_ATTENTION_MAX_HEAD_DIM):
         return None
     if type(dropout_p) not in (float, int) or dropout_p != 0:
         return None

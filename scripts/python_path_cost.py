@@ -7,7 +7,7 @@ in Python is the same work on any machine, so this measures it here:
   timed: only llmfast's checks, dispatch, autograd and launcher bookkeeping), forward and
   forward+backward (torch.autograd.grad);
 - layer_norm: the 'cpu' backend at 8 x 768 fp32 against torch eager (kernels included; tiny).
-Best of several loops, microseconds per call, one thread. Writes JSON to the path given.
+Best of 5 loops of 2000 calls, microseconds per call, one thread. Writes JSON to the path given.
 
 Run: TRITON_INTERPRET=1 python scripts/python_path_cost.py OUT.json
 """
@@ -24,18 +24,7 @@ import torch  # noqa: E402
 
 import llmfast  # noqa: E402
 import llmfast.functional as LF  # noqa: E402
-
-
-def _best_us(fn, iters=2000, reps=5):
-    for _ in range(200):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / iters * 1e6)
-    return best
+from llmfast.bench.timing import best_loop_us  # noqa: E402
 
 
 class _NoKernel:
@@ -87,7 +76,7 @@ def main(out_path):
     cases = {**norm_cases(), **attention_cases()}
     results = {}
     for name, fn in cases.items():
-        results[name] = round(_best_us(fn), 2)
+        results[name] = round(best_loop_us(fn, iters=2000, reps=5), 2)
         print(f"{name:48s} {results[name]:8.1f} us", flush=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -10,7 +10,6 @@ JITFunction internals: create_binder, compute_cache_key; the GPU machine's Trito
 differ)
 """
 import os
-import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # the real JITFunction, not the interpreter's
 
@@ -22,6 +21,7 @@ from triton.runtime import jit  # noqa: E402
 
 import llmfast.triton.attention as ta  # noqa: E402
 import llmfast.triton.norm as tn  # noqa: E402
+from llmfast.bench.timing import best_loop_us  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -65,18 +65,6 @@ def record_launches():
     return log
 
 
-def _best_us(fn, iters=3000, reps=5):
-    for _ in range(200):
-        fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / iters * 1e6)
-    return best
-
-
 def main():
     log = record_launches()
     driver.set_active(_StubDriver())
@@ -89,7 +77,7 @@ def main():
             _, specialization, opts = binder(*args, **options)
             jit.compute_cache_key(key_cache, specialization, opts)
 
-        us = _best_us(bookkeeping)
+        us = best_loop_us(bookkeeping, iters=3000, reps=5)
         total += us
         print(f"{kernel.fn.__name__:28s} {len(args):3d} args {len(kwargs):3d} kwargs   binder + key {us:6.1f} us")
     print(f"total {total:.1f} us for {len(log)} launches (attention fwd+bwd, LayerNorm fwd+bwd)")

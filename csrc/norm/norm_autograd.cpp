@@ -19,8 +19,8 @@
 //   as SymInts, so torch.compile can trace the op (opcheck passes) although
 //   llmfast.functional only calls it in eager mode.
 // A backward with create_graph=True (grad mode on inside it) calls
-// llmfast::norm_backward_with_graph, implemented in Python (llmfast/ops/norm.py) through the
-// plain-PyTorch reference, so second derivatives exist.
+// llmfast::norm_backward_with_graph, implemented in Python (llmfast/ops/norm.py) as explicit
+// differentiable torch formulas, so second derivatives exist.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -43,7 +43,7 @@ using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, bool, bool, bool);
 using GraphBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const OptTensor&, const OptTensor&, const at::Tensor&, const OptTensor&, double, bool, int64_t,
-    bool, bool, bool);  // normalized_ndim as the int
+    bool, bool, bool);
 
 // Looked up once; the handles stay valid for the life of the process.
 const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
@@ -86,8 +86,9 @@ OptTensor flat_param(const OptTensor& p, const c10::SymInt& n) {
   return p->reshape_symint({n}).contiguous();
 }
 
-// `t` with the shape of `like`, sharing its storage, without making the result a view: it is
-// a plain tensor to autograd (so in-place changes to it are allowed, as on any op output).
+// `t` with `sizes` (t itself when `same`), sharing its storage, without making the result a
+// view: it is a plain tensor to autograd (so in-place changes to it are allowed, as on any op
+// output).
 at::Tensor shaped_like(const at::Tensor& t, c10::SymIntArrayRef sizes, bool same) {
   return same ? t : at::_unsafe_view_symint(t, sizes);
 }

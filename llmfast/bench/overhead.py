@@ -8,7 +8,6 @@ The figure is the minimum over several loops (as timeit does): interference from
 processes only ever adds time.
 """
 import sys
-import time
 
 import torch
 
@@ -17,20 +16,6 @@ from .spec import llmfast_backends, mode_fn, op_specs
 
 SHAPES = ((8, 768), (1, 64))
 MODES = ("fwd", "fwd+bwd")
-
-
-def _host_us(fn, device, iters, reps):
-    for _ in range(max(10, iters // 10)):
-        fn()
-    timing.synchronize(device)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        timing.synchronize(device)
-        samples.append((time.perf_counter() - t0) / iters * 1e6)
-    return min(samples)
 
 
 def measure_overhead(device, dtype, *, quick=False, shapes=SHAPES, log=None):
@@ -57,7 +42,8 @@ def measure_overhead(device, dtype, *, quick=False, shapes=SHAPES, log=None):
                 rec = {"op": "overhead", "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
                        "provider": name, "mode": mode, "measured": "layer_norm, host us per call"}
                 try:
-                    us = _host_us(mode_fn(forward, case, mode), device, iters, reps)
+                    us = timing.best_loop_us(mode_fn(forward, case, mode), iters, reps,
+                                             lambda: timing.synchronize(device))
                     rec.update(status="ok", us=us, ms=us / 1e3)
                     log(f"  overhead {'x'.join(map(str, shape))} {name:18s} {mode:8s} {us:8.1f} us")
                 except Exception as exc:

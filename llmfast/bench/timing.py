@@ -73,6 +73,25 @@ def measure(fn, device, quick=False):
     return _measure_cpu(fn, CPU_BUDGET_S[quick])
 
 
+def best_loop_us(fn, iters, reps, sync=None):
+    """Host microseconds per call of fn(): the best of `reps` timed loops of `iters` calls
+    (interference only ever adds time), after max(10, iters // 10) warm-up calls; sync(), when
+    given, ends the warm-up and each loop (e.g. a CUDA synchronize)."""
+    for _ in range(max(10, iters // 10)):
+        fn()
+    if sync is not None:
+        sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        if sync is not None:
+            sync()
+        best = min(best, (time.perf_counter() - t0) / iters * 1e6)
+    return best
+
+
 def peak_extra_bytes(fn, device):
     """Peak memory allocated during one fn() beyond what was allocated before it, outputs
     included (CUDA caching allocator statistics); None on the CPU, which has no such counter."""

@@ -6,8 +6,8 @@ Two op pairs share one contract (see csrc/norm/norm_ops.cpp):
 For each pair this module registers the fake (meta) kernel used by torch.compile and the
 autograd formula, so both trace under torch.compile(fullgraph=True) and pass opcheck.
 
-Eager calls take the fastest path per backend (see norm_forward): for 'cpu' and 'cuda'
-llmfast::norm, one op whose autograd node is C++ (csrc/norm/norm_autograd.cpp; its double
+Eager calls take the fastest path per backend (llmfast.functional._norm): for 'cpu' and
+'cuda' llmfast::norm, one op whose autograd node is C++ (csrc/norm/norm_autograd.cpp; its double
 backward is norm_backward_with_graph, below); for 'triton' NormFunction, a Python
 autograd.Function around the launchers.
 """
@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from .. import _extension
-from .. import reference as _reference
 from . import _create_graph
 
 
@@ -92,7 +91,7 @@ class NormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, fwd_op, bwd_op, input, residual, weight, bias, eps, rms, originals=None):
+    def forward(ctx, fwd_op, bwd_op, input, residual, weight, bias, eps, rms):
         with torch._C._AutoDispatchBelowADInplaceOrView():
             out, residual_out, mean, rstd = fwd_op(input, residual, weight, bias, eps, rms)
         normed_input = residual_out if residual is not None else input
@@ -100,64 +99,39 @@ class NormFunction(torch.autograd.Function):
         ctx.bwd_op, ctx.rms, ctx.eps, ctx.has_residual = bwd_op, rms, eps, residual is not None
         ctx.weight_grad = weight is not None and ctx.needs_input_grad[4]
         ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
-        ctx.bias_dtype = bias.dtype if bias is not None else None
         if residual is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[3]):
             ctx.mark_non_differentiable(residual_out)  # as torch's x + r: no gradient unless x or r has one
-        if residual is not None:  # for a double backward (the saved sum is this node's own output, see _reference_backward)
-            input, residual = originals if originals is not None else (input, residual)
-            ctx.inputs = _create_graph.InputRefs("add_rms_norm" if rms else "add_layer_norm", input=input,
-                                                 residual=residual)
         return out, residual_out
 
     @staticmethod
     def backward(ctx, grad_out, grad_residual_out):
-        if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
-            return (None, None, *_reference_backward(ctx, grad_out, grad_residual_out), None, None, None)
+        if _create_graph.wants_graph():  # create_graph=True: gradients with a graph (as llmfast::norm's node)
+            normed_input, weight, _, _ = ctx.saved_tensors
+            input_grad = ctx.needs_input_grad[2] or (ctx.has_residual and ctx.needs_input_grad[3])
+            grad_in, grad_w, grad_b = _backward_with_graph(
+                grad_out, grad_residual_out if ctx.has_residual else None, normed_input, weight, ctx.eps, ctx.rms, 1,
+                input_grad, ctx.weight_grad, ctx.bias_grad)
+            grads = (grad_in if input_grad else None, grad_in if input_grad and ctx.has_residual else None,
+                     grad_w if ctx.weight_grad else None, grad_b if ctx.bias_grad else None)
+            return (None, None, *grads, None, None)
         with torch._C._AutoDispatchBelowADInplaceOrView():
             grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.rms, ctx.has_residual, ctx.weight_grad,
                               ctx.bias_grad, grad_out, grad_residual_out)
-        return (None, None, *grads, None, None, None)
-
-
-def _reference_backward(ctx, grad_out, grad_residual_out):
-    """NormFunction's gradients recomputed through llmfast.reference with a graph (double
-    backward). The bias never enters the gradients of the input and weight. With a residual the
-    normalized sum is this node's own output, which cannot be differentiated inside its own
-    backward; the sum is recomputed from the inputs (weak references, see _create_graph)."""
-    normed_input, weight, _, _ = ctx.saved_tensors
-    N = normed_input.shape[1]
-    if ctx.rms:
-        norm = lambda x, w: _reference.rms_norm(x, (N,), w, ctx.eps)  # noqa: E731
-    else:
-        norm = lambda x, w: _reference.layer_norm(x, (N,), w, None, ctx.eps)  # noqa: E731
-    if ctx.has_residual:
-        refs = ctx.inputs.get()  # the caller's tensors, of any leading shape
-        grad_in, grad_res, grad_w = _create_graph.reference_grads(
-            lambda x, r, w: norm((x + r).reshape(-1, N), w), (refs["input"], refs["residual"], weight),
-            (ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.weight_grad), (grad_out,))
-        if grad_residual_out is not None:
-            grad_in = grad_in + grad_residual_out if grad_in is not None else None
-            grad_res = grad_res + grad_residual_out if grad_res is not None else None
-    else:
-        grad_in, grad_w = _create_graph.reference_grads(norm, (normed_input, weight),
-                                                        (ctx.needs_input_grad[2], ctx.weight_grad), (grad_out,))
-        grad_res = None
-    grad_b = None
-    if ctx.bias_grad:
-        grad_b = (grad_out.sum(0) if grad_out is not None else normed_input.new_zeros(N)).to(ctx.bias_dtype)
-    return grad_in, grad_res, grad_w, grad_b
+        return (None, None, *grads, None, None)
 
 
 def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps, rms, normalized_ndim, input_grad,
                          weight_grad, bias_grad):
-    """llmfast::norm_backward_with_graph: the backward of llmfast::norm's C++ node under
-    create_graph=True. The gradients are written out as differentiable torch ops of the
+    """llmfast::norm_backward_with_graph: the backward under create_graph=True of both eager
+    nodes, llmfast::norm's C++ one and NormFunction. The gradients are written out as differentiable torch ops of the
     normalized tensor, the weight and the incoming gradient (in float32, float64 for float64),
     so they carry a graph and their own derivatives are exact.
 
     No torch.autograd.grad runs here: with a residual, normed_input is the node's own output
-    input + residual, and a nested autograd.grad through it would have to run this very node
-    again (the engine cannot tell that the sum does not depend on the weight). Returns (grad of
+    input + residual (the double backward flows through it back into the node, which hands the
+    gradient of the sum on to input and residual), and a nested autograd.grad through it would
+    have to run this very node again (the engine cannot tell that the sum does not depend on the
+    weight; for the C++ node that deadlocks on the node's lock). Returns (grad of
     normed_input including grad_residual_out, grad_weight (n,), grad_bias (n,)), an empty
     tensor for each one not asked for."""
     n = math.prod(normed_input.shape[normed_input.dim() - normalized_ndim:])
@@ -194,11 +168,10 @@ def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps,
 EAGER_NORM = None
 
 
-def norm_forward(backend, input, residual, weight, bias, eps, rms, originals=None):
+def norm_forward(backend, input, residual, weight, bias, eps, rms):
     """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
-    returns (out, residual_out), differentiable in eager mode and under torch.compile.
-    `originals`: the caller's (input, residual) that the 2-D ones were made from, for a double
-    backward of the residual variants (see NormFunction)."""
+    returns (out, residual_out), differentiable in eager mode and under torch.compile. (In
+    eager mode llmfast.functional takes llmfast::norm for 'cpu' and 'cuda' instead.)"""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         # Traced: the custom ops, with their fake kernels and registered autograd.
         fwd_op = torch.ops.llmfast.triton_norm_fwd if backend == "triton" else torch.ops.llmfast.norm_fwd
@@ -218,7 +191,7 @@ def norm_forward(backend, input, residual, weight, bias, eps, rms, originals=Non
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     ):
-        return NormFunction.apply(fwd_op, bwd_op, input, residual, weight, bias, eps, rms, originals)
+        return NormFunction.apply(fwd_op, bwd_op, input, residual, weight, bias, eps, rms)
     with torch._C._AutoDispatchBelowADInplaceOrView():
         out, residual_out, _, _ = fwd_op(input, residual, weight, bias, eps, rms)
     return out, residual_out

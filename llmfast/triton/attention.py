@@ -795,6 +795,12 @@ def _check_qkv(op, query, key, value):
     return B, Hq, Hkv, Sq, Sk, D, Dv
 
 
+def _dims(query, key, value):
+    """(B, Hq, Hkv, Sq, Sk, D, Dv) of arguments already checked (what _check_qkv returns)."""
+    (B, Hq, Sq, D), (Hkv, Sk), Dv = query.shape, key.shape[1:3], value.shape[3]
+    return B, Hq, Hkv, Sq, Sk, D, Dv
+
+
 def _mask_args(op, attn_mask, shape, device):
     """(mask tensor for the kernel, MASK_KIND, MASK_ROW, its 4 strides), after checks."""
     if attn_mask is None:
@@ -883,7 +889,7 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
         dropout_p, seed = _check_dropout(op, dropout_p, seed, dev)
         mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
     else:
-        (B, Hq, Sq, D), Hkv, Sk, Dv = query.shape, key.shape[1], key.shape[2], value.shape[3]
+        B, Hq, Hkv, Sq, Sk, D, Dv = _dims(query, key, value)
         mask, kind, mask_row, ms = _mask_layout(attn_mask, (B, Hq, Sq, Sk))
     out = torch.empty((B, Hq, Sq, Dv), dtype=query.dtype, device=dev)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
@@ -937,7 +943,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
         lse = lse.to(torch.float32).contiguous()
         mask, kind, mask_row, ms = _mask_args(op, attn_mask, (B, Hq, Sq, Sk), dev)
     else:
-        (B, Hq, Sq, D), Hkv, Sk, Dv = query.shape, key.shape[1], key.shape[2], value.shape[3]
+        B, Hq, Hkv, Sq, Sk, D, Dv = _dims(query, key, value)
         mask, kind, mask_row, ms = _mask_layout(attn_mask, (B, Hq, Sq, Sk))
     mask_grad = bool(mask_grad) and kind == _ADD_MASK
     grad_query = torch.empty((B, Hq, Sq, D), dtype=query.dtype, device=dev)
