@@ -33,7 +33,7 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 class _Recorder:
     def __init__(self, fn, sink):
-        self.fn, self.sink = fn, sink
+        self.fn, self.sink = getattr(fn, "jit", fn), sink  # the JITFunction under a fast_jit wrapper
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):

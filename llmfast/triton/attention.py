@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from llmfast._errors import LlmfastTypeError, LlmfastValueError
+from llmfast.triton._launch import fast_jit
 from llmfast.triton._tuning import Tuner
 
 __all__ = ["attention_fwd", "attention_bwd", "MAX_HEAD_DIM", "tuning_report"]
@@ -226,6 +227,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, lo, hi,
 
 # Forward. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Traffic: reads its Q tile once and the K, V tiles
 # of its key range once, writes its O tile and lse once.
+@fast_jit
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,  # (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, DV), any strides
@@ -300,6 +302,7 @@ def _attn_fwd_kernel(
 
 # Backward preprocess. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Reads O and dO once, writes delta:
 # delta = rowsum(dO * O) (- dlse when the lse output has a gradient), fp32.
+@fast_jit
 @triton.jit
 def _attn_bwd_delta_kernel(
     O, DO,  # (B, H, Sq, DV), any strides
@@ -366,6 +369,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, offs_m, lo, hi,
 # Backward, dQ. Grid (cdiv(Sq, BLOCK_M) * B * Hq,). Reads its Q, dO tiles, lse and delta once and
 # the K, V tiles of its key range once, writes its dQ tile once. With COMPUTE_DELTA it computes
 # its rows' delta from O and dO first (and stores it for the dK/dV kernel) instead of reading it.
+@fast_jit
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # as in the forward; DO (B, Hq, Sq, DV) any strides
@@ -507,6 +511,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, 
 # kv head and sums over the query tiles of all GROUP query heads that read it. Reads its K, V
 # tiles once and the Q, dO tiles, lse and delta of its query range once per query head, writes
 # its dK, dV tiles once (and, with MASK_GRAD, dS for the mask).
+@fast_jit
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,

@@ -39,6 +39,7 @@ import triton.language as tl
 from llmfast._errors import LlmfastTypeError, LlmfastValueError
 
 from ._device import num_sms
+from ._launch import fast_jit
 
 __all__ = ["cross_entropy_fwd", "cross_entropy_fwd_inplace", "cross_entropy_scale_grad_"]
 
@@ -75,6 +76,7 @@ def _softcap(z, cap, inv_cap):
 
 # Forward (+ gradient), one program per row. Traffic: reads the row once (twice when LOOPED,
 # the second time mostly from L2), writes the gradient row once; ignored rows are not read.
+@fast_jit
 @triton.jit
 def _ce_fwd_kernel(
     LOGITS,  # (M, V) contiguous
@@ -225,6 +227,7 @@ def _ce_fwd_kernel(
 
 # sum over rows of w[t] for valid targets (the 'mean' denominator), one program.
 # Traffic: reads the targets once.
+@fast_jit
 @triton.jit
 def _ce_target_weight_kernel(
     TARGET,  # (M,) int64
@@ -253,6 +256,7 @@ def _ce_target_weight_kernel(
 # A bounded grid walks the (row, column block) tiles: the usual call, a plain loss.backward()
 # whose upstream factor is the scalar 1, then costs each program one load (one program per tile
 # left ~0.15 ms of empty programs at 8192 x 128256). Traffic: reads and writes the scaled rows.
+@fast_jit
 @triton.jit
 def _ce_scale_grad_kernel(
     GRAD,  # (M, V)

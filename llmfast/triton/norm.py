@@ -44,6 +44,7 @@ import triton.language as tl
 from llmfast._errors import LlmfastTypeError, LlmfastValueError
 
 from ._device import num_sms
+from ._launch import fast_jit
 
 __all__ = ["norm_fwd", "norm_bwd"]
 
@@ -167,6 +168,7 @@ def _bwd_config(n: int, n_acc: int, on_gpu: bool = True) -> _BwdConfig:
 # --------------------------------------------------------------------------------------------
 # Forward, rows in registers. Traffic: reads x (and residual) once, writes y (and s) once;
 # w and b are read once per program (cached). Grid: cdiv(M, ROWS).
+@fast_jit
 @triton.jit
 def _norm_fwd_kernel(
     X,  # (M, N) input
@@ -227,6 +229,7 @@ def _norm_fwd_kernel(
 # re-reads x (or s) and writes y. G is about two programs per SM so the rows in flight
 # (G * N * elt bytes) fit in L2 and the second read is an L2 hit. LayerNorm statistics merge
 # per-chunk (count, mean, M2) with Chan's formula, as stable as the two-pass variance.
+@fast_jit
 @triton.jit
 def _norm_fwd_looped_kernel(
     X, RES, W, B, Y, S, MEAN, RSTD,  # as _norm_fwd_kernel
@@ -323,6 +326,7 @@ def _norm_bwd_tile_loads(DY, X, MEAN, RSTD, tile, M, N,
     return x, dy, mean, rstd
 
 
+@fast_jit
 @triton.jit
 def _norm_bwd_kernel(
     DY,  # (M, N) grad_out
@@ -408,6 +412,7 @@ def _norm_bwd_kernel(
 
 # Backward for wide rows, step 1 (grid: M): the row sums c1 = mean(g * xhat) and
 # c2 = mean(g) in fp32. Traffic: reads s and dy once, writes 2 floats per row.
+@fast_jit
 @triton.jit
 def _norm_bwd_row_sums_kernel(
     DY, X, W, MEAN, RSTD,  # as _norm_bwd_kernel
@@ -444,6 +449,7 @@ def _norm_bwd_row_sums_kernel(
 # and dW/dB partials held in registers for the program's column block across its rows.
 # Traffic: reads s and dy (and grad_residual_out) once, writes dx once, writes a (G, N) fp32
 # partial-sum row for dW and dB.
+@fast_jit
 @triton.jit
 def _norm_bwd_cols_kernel(
     DY, DRES, X, W, MEAN, RSTD,  # as _norm_bwd_kernel
@@ -510,6 +516,7 @@ def _norm_bwd_cols_kernel(
 
 # dW / dB from the (G, N) fp32 partial sums: column blocks in parallel, G summed in a fixed
 # order (deterministic), result cast to the parameter dtype. Traffic: reads the partials once.
+@fast_jit
 @triton.jit
 def _sum_partials_kernel(
     DW_PART, DB_PART,  # (G, N) fp32, or dummies
