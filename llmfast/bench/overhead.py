@@ -5,7 +5,8 @@ Measures host wall time per call, synchronizing once after a loop of calls: with
 asynchronous and kernels tiny, this is the CPU cost of argument checks, backend resolution,
 torch.library dispatch and autograd bookkeeping -- the number to compare with torch eager.
 The figure is the minimum over several loops (as timeit does): interference from other
-processes only ever adds time.
+processes only ever adds time. On CUDA, `llmfast-triton-tritonlaunch` is the triton backend
+with its launches through Triton's own `kernel[grid](...)` instead of llmfast's fast path.
 """
 import sys
 
@@ -32,6 +33,20 @@ def measure_overhead(device, dtype, *, quick=False, shapes=SHAPES, log=None):
             with llmfast.use_backend(backend):
                 return spec.llmfast_fn(args)
         providers.append((f"llmfast-{backend}", forward))
+        if backend == "triton" and torch.device(device).type == "cuda":
+            # The same, through Triton's own launcher (llmfast/triton/_launch.py off): what the
+            # fast launch path saves.
+            def forward_plain(args):
+                import llmfast
+                from llmfast.triton._launch import fast_launch_enabled
+
+                old = fast_launch_enabled(False)
+                try:
+                    with llmfast.use_backend("triton"):
+                        return spec.llmfast_fn(args)
+                finally:
+                    fast_launch_enabled(old)
+            providers.append(("llmfast-triton-tritonlaunch", forward_plain))
     records = []
     for shape in shapes:
         torch.manual_seed(0)
