@@ -28,7 +28,7 @@ import llmfast.triton.attention as ta  # noqa: E402
 import llmfast.triton.cross_entropy as tce  # noqa: E402
 import llmfast.triton.norm as tn  # noqa: E402
 from llmfast.bench.timing import best_loop_us  # noqa: E402
-from llmfast.triton._stub_driver import StubLauncher, stub_driver  # noqa: E402
+from llmfast.triton._stub_driver import StubLauncher, release_kernels, stub_driver  # noqa: E402
 
 
 class _Recorder:
@@ -101,6 +101,7 @@ def main(out_path=None):
                                 fast_us=round(us_fast, 2), same_launch=same))
             print(f"{name:28s} {len(args):3d} args {len(kwargs):3d} kwargs   triton {us_triton:6.1f} us   "
                   f"fast {us_fast:6.1f} us   same launch: {same}", flush=True)
+        release_kernels(*{kernel.jit for kernel, _, _, _ in log})
     total_t = sum(r["triton_us"] for r in results)
     total_f = sum(r["fast_us"] for r in results)
     print(f"total for {len(results)} launches (attention fwd+bwd, LayerNorm fwd+bwd, CE fwd): "
