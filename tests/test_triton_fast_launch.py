@@ -115,6 +115,25 @@ def test_fast_launch_runs_the_kernel_triton_picks_with_the_same_arguments(kernel
     assert n_entries == len(list(_variants())) - 1
 
 
+def _toy_scaled(x_ptr, y_ptr, n, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) * SCALE, mask=i < n)
+
+
+def test_fast_launch_keys_a_positional_constexpr_float_by_value():
+    x, y = torch.zeros(16), torch.zeros(16)
+    with stub_driver():
+        fast = _launch.FastJITFunction(JITFunction(_toy_scaled))
+        try:
+            for _ in range(2):
+                for scale in (2.0, 3.0):
+                    picked = fast.jit[(1,)](x, y, 16, scale, 16)
+                    assert fast[(1,)](x, y, 16, scale, 16) is picked
+            assert fast.jit[(1,)](x, y, 16, 2.0, 16) is not fast.jit[(1,)](x, y, 16, 3.0, 16)
+        finally:
+            release_kernels(fast.jit)
+
+
 def test_fast_launch_fills_in_constexpr_defaults_in_signature_order(kernel):
     fast, calls = kernel
     x, y = torch.zeros(64), torch.zeros(64)

@@ -13,7 +13,8 @@ specializes a launch on, computed in one pass over the arguments:
 - a tensor: its dtype and whether its data pointer is 16-byte aligned (Triton's "D");
 - an int: its value (Triton specializes on == 1, divisibility by 16 and the int32 range, all
   functions of the value);
-- a float: only that it is a float (Triton never specializes a float argument);
+- a float: only that it is a float (Triton never specializes a runtime float argument; a
+  constexpr float, positional or keyword, counts by value);
 - anything else (bool, None, str, dtype, ...): its type and value;
 - the keyword arguments (the constexprs and options such as num_warps): names, types and values;
 - the current device.
@@ -84,14 +85,16 @@ def _getter(positions):
 
 class _ArgPlan:
     """For one tuple of argument types: which arguments are tensors, which are keyed by value
-    (every one that is neither a tensor nor a float), and the compiled kernels launched with
-    arguments of these types (`entries`, by the rest of the key)."""
+    (every one but the tensors and the runtime floats; a constexpr float counts by value), and
+    the compiled kernels launched with arguments of these types (`entries`, by the rest of the
+    key)."""
     __slots__ = ("tensors", "values", "entries")
 
-    def __init__(self, types):
+    def __init__(self, types, constexpr_positions):
         tensor = torch.Tensor
         self.tensors = _getter([i for i, t in enumerate(types) if issubclass(t, tensor)])
-        self.values = _getter([i for i, t in enumerate(types) if not issubclass(t, tensor) and t is not float])
+        self.values = _getter([i for i, t in enumerate(types)
+                               if not issubclass(t, tensor) and (t is not float or i in constexpr_positions)])
         self.entries = {}
 
 
@@ -115,6 +118,7 @@ class FastJITFunction:
         params = list(jit.params)
         self._names = [p.name for p in params]
         self._constexpr = {p.name for p in params if p.is_constexpr}
+        self._constexpr_positions = {i for i, p in enumerate(params) if p.is_constexpr}
         self._defaults = {p.name: p.default for p in params}
         self._plans = {}  # argument types -> _ArgPlan (which holds the compiled kernels)
         self._plain = False  # set when the fast path cannot serve this kernel on this Triton
@@ -140,7 +144,7 @@ class FastJITFunction:
         if plan is None:
             if len(self._plans) >= _MAX_ENTRIES:
                 self._plans.clear()
-            plan = self._plans[types] = _ArgPlan(types)
+            plan = self._plans[types] = _ArgPlan(types, self._constexpr_positions)
         tensors = plan.tensors(args)
         kw_values = tuple(kwargs.values())
         device = drv[0]()
