@@ -231,4 +231,7 @@ def fast_jit(kernel):
     JITFunction (Triton's interpreter)."""
     if JITFunction is None or type(kernel) is not JITFunction:
         return kernel
-    return FastJITFunction(kernel)
+    try:
+        return FastJITFunction(kernel)
+    except AttributeError:  # a Triton whose JITFunction lacks what the wrapper reads: its own path
+        return kernel
