@@ -1,5 +1,6 @@
 """Dispatch overhead of llmfast's Python + custom-op layer, on shapes too small for the kernel
-to matter (8 x 768 and 1 x 64 LayerNorm, as in a decode step or a tiny model).
+to matter (8 x 768 and 1 x 64 LayerNorm, as in a decode step or a tiny model; a 1 x 8 x 128 x 64
+causal attention).
 
 Measures host wall time per call, synchronizing once after a loop of calls: with launches
 asynchronous and kernels tiny, this is the CPU cost of argument checks, backend resolution,
@@ -15,16 +16,13 @@ import torch
 from . import timing
 from .spec import llmfast_backends, mode_fn, op_specs
 
-SHAPES = ((8, 768), (1, 64))
+# (op, shape): LayerNorm at a decode-step and a tiny size; a small causal attention (B, H, S, D,
+# causal), where the kernels take microseconds and the host's work per call is what shows.
+CASES = (("layer_norm", (8, 768)), ("layer_norm", (1, 64)), ("attention", (1, 8, 128, 64, 1)))
 MODES = ("fwd", "fwd+bwd")
 
 
-def measure_overhead(device, dtype, *, quick=False, shapes=SHAPES, log=None):
-    """Records (op 'overhead') of microseconds per LayerNorm call for torch eager and each
-    llmfast backend, forward and forward+backward, with the difference to torch eager."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    spec = op_specs()["layer_norm"]
-    iters, reps = (100, 5) if quick else (200, 9)
+def _providers(spec, device):
     providers = [("torch", spec.eager)]
     for backend in llmfast_backends(device):
         def forward(args, backend=backend):
@@ -47,23 +45,35 @@ def measure_overhead(device, dtype, *, quick=False, shapes=SHAPES, log=None):
                 finally:
                     fast_launch_enabled(old)
             providers.append(("llmfast-triton-tritonlaunch", forward_plain))
+    return providers
+
+
+def measure_overhead(device, dtype, *, quick=False, cases=CASES, log=None):
+    """Records (op 'overhead') of microseconds per call for torch eager and each llmfast
+    backend, forward and forward+backward, with the difference to torch eager; `what` names
+    the op measured (layer_norm, attention)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    specs = op_specs()
+    iters, reps = (100, 5) if quick else (200, 9)
     records = []
-    for shape in shapes:
+    for what, shape in cases:
+        spec = specs[what]
         torch.manual_seed(0)
         case = spec.make_case(tuple(shape), dtype, device)
         group = []
-        for name, forward in providers:
+        for name, forward in _providers(spec, device):
             for mode in MODES:
-                rec = {"op": "overhead", "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                       "provider": name, "mode": mode, "measured": "layer_norm, host us per call"}
+                rec = {"op": "overhead", "what": what, "shape": list(shape),
+                       "dtype": str(dtype).replace("torch.", ""), "provider": name, "mode": mode,
+                       "measured": f"{what}, host us per call"}
                 try:
                     us = timing.best_loop_us(mode_fn(forward, case, mode), iters, reps,
                                              lambda: timing.synchronize(device))
                     rec.update(status="ok", us=us, ms=us / 1e3)
-                    log(f"  overhead {'x'.join(map(str, shape))} {name:18s} {mode:8s} {us:8.1f} us")
+                    log(f"  overhead {what} {'x'.join(map(str, shape))} {name:18s} {mode:8s} {us:8.1f} us")
                 except Exception as exc:
                     rec.update(status="error", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-                    log(f"  overhead {name} {mode}: error: {rec['error']}")
+                    log(f"  overhead {what} {name} {mode}: error: {rec['error']}")
                 group.append(rec)
         base = {r["mode"]: r["us"] for r in group if r["provider"] == "torch" and r["status"] == "ok"}
         for r in group:

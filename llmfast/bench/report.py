@@ -191,14 +191,19 @@ def print_table(op, records, header, skipped=None, file=None):
         print("   ! forward output differs from llmfast.reference beyond tolerance (see max_err)", file=file)
 
 
+def _overhead_what(group):
+    """The op an overhead row measured (records before 'what' existed measured LayerNorm)."""
+    return next(iter(group.values())).get("what", "layer_norm")
+
+
 def print_overhead(records, file=None):
     file = file or sys.stdout
     if not records:
         return
-    print(f"\n== overhead: LayerNorm host time per call, {records[0]['dtype']} (us; +extra vs torch eager) ==",
+    print(f"\n== overhead: host time per call, {records[0]['dtype']} (us; +extra vs torch eager) ==",
           file=file)
     provs = providers_in(records)
-    print(f"{'shape':>8} {'mode':>8} | " + " | ".join(f"{p:>22}" for p in provs), file=file)
+    print(f"{'op':>10} {'shape':>14} {'mode':>8} | " + " | ".join(f"{p:>22}" for p in provs), file=file)
     for (shape, mode), group in _groups(records).items():
         cells = []
         for p in provs:
@@ -209,7 +214,7 @@ def print_overhead(records, file=None):
                 cells.append(f"{r['us']:>22.1f}")
             else:
                 cells.append(f"{r['us']:>12.1f} ({r.get('extra_us_vs_torch', 0):+7.1f})")
-        print(f"{shape_str(shape):>8} {mode:>8} | " + " | ".join(cells), file=file)
+        print(f"{_overhead_what(group):>10} {shape_str(shape):>14} {mode:>8} | " + " | ".join(cells), file=file)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -363,13 +368,14 @@ def _md_overhead(doc):
     records = doc["records"]
     provs = providers_in(records)
     lines = ["## Dispatch overhead (op `overhead`)", "",
-             f"LayerNorm, {records[0]['dtype'] if records else ''}, host time per call in microseconds "
-             "(loop of calls, one synchronize), difference to torch eager in brackets.", ""]
-    cols = ["shape", "mode"] + provs
+             f"{records[0]['dtype'] if records else ''}, host time per call in microseconds "
+             "(loop of calls, one synchronize), difference to torch eager in brackets. Attention shapes are "
+             "(B, H, S, D, causal).", ""]
+    cols = ["op", "shape", "mode"] + provs
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for (shape, mode), group in _groups(records).items():
-        row = [shape_str(shape, " x "), mode]
+        row = [_overhead_what(group), shape_str(shape, " x "), mode]
         for p in provs:
             r = group.get(p)
             if r is None or r.get("status") != "ok":

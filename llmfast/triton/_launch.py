@@ -2,14 +2,14 @@
 
 Why: on every launch, Triton's JITFunction.run binds and specializes each argument, formats a
 string cache key from the result, looks the compiled kernel up and checks the kernel's globals
-before it calls the compiled kernel's launcher. llmfast's kernels take 10 to 51 arguments; that
-bookkeeping costs 3 to 13 us a launch on a fast CPU (scripts/triton_launch_cost.py) and several
-times as much on a slow GPU host, where small problems are bound by host time
-(benchmarks/NOTES.md).
+before it calls the compiled kernel's launcher. llmfast's kernels take 9 to 68 arguments; that
+path costs 7 to 26 us of Python a launch on this project's CPU machine, the fast path 4 to 12
+(scripts/triton_launch_cost.py), and a slow GPU host multiplies both: there small problems are
+bound by host time (benchmarks/NOTES.md).
 
 How: `fast_jit(jit_function)` wraps a @triton.jit kernel; `wrapped[grid](*args, **kwargs)` is
 called exactly as the kernel is. The wrapper keys compiled kernels by everything Triton
-specializes a launch on, computed in one pass over the arguments:
+specializes a launch on, computed with as little Python as possible:
 - a tensor: its dtype and whether its data pointer is 16-byte aligned (Triton's "D");
 - an int: its value (Triton specializes on == 1, divisibility by 16 and the int32 range, all
   functions of the value);
