@@ -11,6 +11,7 @@ Eager calls take the fastest path per backend (llmfast.functional._norm): for 'c
 backward is norm_backward_with_graph, below); for 'triton' NormFunction, a Python
 autograd.Function around the launchers.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -168,6 +169,21 @@ def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps,
 EAGER_NORM = None
 
 
+_TRITON_EAGER = []
+
+
+def _triton_eager_kernels():
+    """The Triton launchers without their argument checks (llmfast.functional has checked and
+    made contiguous what it passes; autograd hands the backward gradients of the outputs'
+    shape and dtype, made contiguous in _backward)."""
+    if not _TRITON_EAGER:
+        from ..triton import norm as kernels
+
+        _TRITON_EAGER[:] = (functools.partial(kernels.norm_fwd, checked=False),
+                            functools.partial(kernels.norm_bwd, checked=False))
+    return _TRITON_EAGER
+
+
 def norm_forward(backend, input, residual, weight, bias, eps, rms):
     """Runs the forward of `backend` ('cuda', 'cpu' or 'triton') on 2-D contiguous tensors and
     returns (out, residual_out), differentiable in eager mode and under torch.compile. (In
@@ -180,9 +196,7 @@ def norm_forward(backend, input, residual, weight, bias, eps, rms):
     if backend == "triton":
         # Eager: the kernel launchers themselves; a Python custom op's trip through the
         # dispatcher would add tens of microseconds per call.
-        from ..triton import norm as kernels
-
-        fwd_op, bwd_op = kernels.norm_fwd, kernels.norm_bwd
+        fwd_op, bwd_op = _triton_eager_kernels()
     else:
         fwd_op, bwd_op = torch.ops.llmfast.norm_fwd.default, torch.ops.llmfast.norm_bwd.default
     if torch.is_grad_enabled() and (

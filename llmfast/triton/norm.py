@@ -608,22 +608,25 @@ def _device_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
-def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
+def norm_fwd(input, residual, weight, bias, eps: float, rms: bool, checked: bool = True):
     """LayerNorm / RMSNorm forward, optionally of input + residual.
 
     input (M, N) contiguous float32/float16/bfloat16; residual like input or None; weight,
     bias (N,) of input's dtype or float32, or None. Returns (out (M, N) input dtype,
     residual_out (M, N) = input + residual (empty (0,) without residual),
     mean (M,) fp32 (empty (0,) for RMSNorm), rstd (M,) fp32).
+    checked=False skips the argument checks, for llmfast's own eager path, which has checked
+    (and made contiguous) what it passes: the checks cost host time on every call.
     """
     op = "llmfast.triton norm_fwd"
-    _check_matrix(input, op, "input")
+    if checked:
+        _check_matrix(input, op, "input")
     M, N = input.shape
-    if residual is not None:
+    if checked and residual is not None:
         _check_like(residual, input, op, "residual", "input")
-    if weight is not None:
+    if checked and weight is not None:
         _check_param(weight, N, input, op, "weight")
-    if bias is not None:
+    if checked and bias is not None:
         _check_param(bias, N, input, op, "bias")
         if weight is not None and bias.dtype != weight.dtype:
             raise LlmfastTypeError(f"{op}: bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
@@ -668,24 +671,27 @@ def norm_fwd(input, residual, weight, bias, eps: float, rms: bool):
 
 
 def norm_bwd(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms: bool,
-             weight_grad: bool, bias_grad: bool):
+             weight_grad: bool, bias_grad: bool, checked: bool = True):
     """Backward of norm_fwd. Returns (grad_input (M, N) input dtype, including
     grad_residual_out; grad_weight (N,) weight dtype if weight_grad else empty (0,);
-    grad_bias (N,) weight dtype (input dtype without weight) if bias_grad else empty (0,))."""
+    grad_bias (N,) weight dtype (input dtype without weight) if bias_grad else empty (0,)).
+    checked=False as in norm_fwd (the statistics are then norm_fwd's own, the gradients
+    contiguous and of the outputs' shape and dtype, as autograd hands them on)."""
     op = "llmfast.triton norm_bwd"
-    _check_matrix(normed_input, op, "normed_input")
     M, N = normed_input.shape
     x = normed_input
-    _check_like(grad_out, x, op, "grad_out", "normed_input")
-    if grad_residual_out is not None:
-        _check_like(grad_residual_out, x, op, "grad_residual_out", "normed_input")
-    if weight is not None:
-        _check_param(weight, N, x, op, "weight")
     if weight_grad and weight is None:
         raise LlmfastValueError(f"{op}: weight_grad=True needs a weight, got None")
-    if not rms:
-        _check_stat(mean, M, x, op, "mean")
-    _check_stat(rstd, M, x, op, "rstd")
+    if checked:
+        _check_matrix(normed_input, op, "normed_input")
+        _check_like(grad_out, x, op, "grad_out", "normed_input")
+        if grad_residual_out is not None:
+            _check_like(grad_residual_out, x, op, "grad_residual_out", "normed_input")
+        if weight is not None:
+            _check_param(weight, N, x, op, "weight")
+        if not rms:
+            _check_stat(mean, M, x, op, "mean")
+        _check_stat(rstd, M, x, op, "rstd")
 
     dev = x.device
     param_dtype = weight.dtype if weight is not None else x.dtype
