@@ -6,7 +6,8 @@ in Python is the same work on any machine, so this measures it here:
   Triton kernel replaced by a no-op (so neither the interpreter nor Triton's launcher is
   timed: only llmfast's checks, dispatch, autograd and launcher bookkeeping), forward and
   forward+backward (torch.autograd.grad);
-- layer_norm: the 'cpu' backend at 8 x 768 fp32 against torch eager (kernels included; tiny).
+- layer_norm: the 'cpu' backend at 8 x 768 fp32 against torch eager (kernels included; tiny),
+  and the 'triton' backend with its kernels stubbed out, as attention's;
 Best of 5 loops of 2000 calls, microseconds per call, one thread. Writes JSON to the path given.
 
 Run: TRITON_INTERPRET=1 python scripts/python_path_cost.py OUT.json
@@ -50,6 +51,25 @@ def attention_cases():
     return {"attention triton (kernels stubbed) fwd": fwd, "attention triton (kernels stubbed) fwd+bwd": fwd_bwd}
 
 
+def triton_norm_cases():
+    from llmfast.triton import norm as tn
+
+    for name in ("_norm_fwd_kernel", "_norm_fwd_looped_kernel", "_norm_bwd_kernel", "_norm_bwd_row_sums_kernel",
+                 "_norm_bwd_cols_kernel", "_sum_partials_kernel"):
+        setattr(tn, name, _NoKernel())
+    x = torch.randn(8, 768, requires_grad=True)
+    w = torch.randn(768, requires_grad=True)
+    b = torch.randn(768, requires_grad=True)
+    g = torch.ones(8, 768)
+
+    def fwd():
+        with llmfast.use_backend("triton"):
+            return LF.layer_norm(x, (768,), w, b)
+
+    return {"layer_norm 8x768 triton (kernels stubbed) fwd": fwd,
+            "layer_norm 8x768 triton (kernels stubbed) fwd+bwd": lambda: torch.autograd.grad(fwd(), (x, w, b), g)}
+
+
 def norm_cases():
     x = torch.randn(8, 768, requires_grad=True)
     w = torch.randn(768, requires_grad=True)
@@ -73,7 +93,7 @@ def norm_cases():
 
 def main(out_path):
     torch.set_num_threads(1)
-    cases = {**norm_cases(), **attention_cases()}
+    cases = {**norm_cases(), **triton_norm_cases(), **attention_cases()}
     results = {}
     for name, fn in cases.items():
         results[name] = round(best_loop_us(fn, iters=2000, reps=5), 2)
