@@ -67,6 +67,8 @@ if [ "$run_tests" = 1 ]; then
   # problem; the tests check the default tiles, tests/test_triton_tuning.py every candidate and
   # one real tuning run. The benchmark below tunes.
   export LLMFAST_TRITON_AUTOTUNE=0
+  # Every fast Triton launch (llmfast/triton/_launch.py) also checked against Triton's own pick.
+  export LLMFAST_TRITON_FAST_LAUNCH=check
   budget=$(( $(left) - 20 )); [ "$run_bench" = 1 ] && budget=$(( budget / 2 ))
   kargs=(); [ -n "$kexpr" ] && kargs=(-k "$kexpr")
   # LLMFAST_TEST_SHARD (tests/conftest.py) deals the collected tests out to $shards processes.
@@ -90,12 +92,12 @@ if [ "$run_tests" = 1 ]; then
 fi
 
 if [ "$run_profile" = 1 ]; then
-  timeout 120 python3 scripts/profile_host_overhead.py > "$OUT/host_overhead.txt" 2>&1
+  LLMFAST_TRITON_FAST_LAUNCH=1 timeout 120 python3 scripts/profile_host_overhead.py > "$OUT/host_overhead.txt" 2>&1
   tail -40 "$OUT/host_overhead.txt"
 fi
 
 if [ "$run_bench" = 1 ]; then
-  export LLMFAST_TRITON_AUTOTUNE=1
+  export LLMFAST_TRITON_AUTOTUNE=1 LLMFAST_TRITON_FAST_LAUNCH=1
   start=$(date +%s)
   timeout $(( $(left) - 15 )) python3 -m llmfast.bench "${ops[@]}" --out benchmarks/results > "$OUT/bench.log" 2>&1
   rc=$?; echo "bench: exit $rc$([ $rc = 124 ] && echo ' TIMED OUT') in $(( $(date +%s) - start )) s"

@@ -134,6 +134,26 @@ def test_fast_launch_keys_a_positional_constexpr_float_by_value():
             release_kernels(fast.jit)
 
 
+def test_check_mode_accepts_triton_s_choice_and_catches_another(kernel, monkeypatch):
+    fast, calls = kernel
+    monkeypatch.setattr(_launch, "_CHECK", True)
+    x, y = torch.zeros(64), torch.zeros(64)
+    for args, kwargs in _variants():
+        fast[(1,)](*args, **kwargs)
+        fast[(1,)](*args, **kwargs)  # checked against JITFunction.warmup: agrees
+    # A key that wrongly ignored alignment would reuse the aligned kernel for a misaligned
+    # pointer; the check catches it.
+    misaligned = torch.zeros(65)[1:]
+    entry = next(e for p in fast._plans.values() for k, e in p.entries.items()
+                 if k[1] == (64, 1) and k[3] == (0, 0) and k[4] == ("FLAG", "BLOCK") and k[5] == (True, 16))
+    for p in fast._plans.values():
+        for k in list(p.entries):
+            if k[3] == (4, 0):  # key: (device, values, dtypes, pointers' low bits, keywords...)
+                p.entries[k] = entry
+    with pytest.raises(RuntimeError, match="another compiled kernel"):
+        fast[(1,)](misaligned, y, 64, 1, 2.0, FLAG=True, BLOCK=16)
+
+
 def test_fast_launch_fills_in_constexpr_defaults_in_signature_order(kernel):
     fast, calls = kernel
     x, y = torch.zeros(64), torch.zeros(64)

@@ -31,7 +31,9 @@ a constexpr; the compiled kernel does not have the attributes this relies on (an
 Not re-checked on the fast path: that the kernel's global variables have not changed (llmfast's
 kernels read module constants only) and Triton knobs changed after a kernel was first launched
 (debug mode, say): they apply to kernels compiled afterwards. `fast_launch_enabled(False)`
-(or LLMFAST_TRITON_FAST_LAUNCH=0) switches the fast path off, for comparisons.
+(or LLMFAST_TRITON_FAST_LAUNCH=0) switches the fast path off, for comparisons;
+LLMFAST_TRITON_FAST_LAUNCH=check keeps it on and checks each fast launch against Triton's own
+choice of compiled kernel (scripts/gpu_run.sh runs the GPU tests so).
 """
 import functools
 import inspect
@@ -48,6 +50,10 @@ except ImportError:  # pragma: no cover - triton is a dependency of this package
 __all__ = ["fast_jit", "fast_launch_enabled", "FastJITFunction"]
 
 _ENABLED = os.environ.get("LLMFAST_TRITON_FAST_LAUNCH", "1") != "0"
+# LLMFAST_TRITON_FAST_LAUNCH=check: every fast launch also asks Triton (JITFunction.warmup: its
+# binder and cache, no launch) which compiled kernel it would run, and raises if that is not the
+# one launched. For test runs on a GPU's Triton; it costs Triton's own bookkeeping again.
+_CHECK = os.environ.get("LLMFAST_TRITON_FAST_LAUNCH", "1") == "check"
 # Entries per kernel before the cache starts over: a key holds every int argument's value, so
 # a run over many shapes would otherwise grow it without bound.
 _MAX_ENTRIES = 4096
@@ -158,6 +164,8 @@ class FastJITFunction:
             return self.jit[grid](*args, **kwargs)
         if entry is None:
             return self._first_launch(plan.entries, key, grid, args, kwargs)
+        if _CHECK:
+            self._check(entry, grid, args, kwargs)
         n = len(grid)
         stream = drv[1](device)
         bound = (*args, *entry.tail) if entry.tail else args
@@ -172,6 +180,16 @@ class FastJITFunction:
         entry.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, entry.function,
                   entry.packed_metadata, metadata, enter, leave, *bound)
         return entry.kernel
+
+    def _check(self, entry, grid, args, kwargs):
+        picked = self.jit.warmup(*args, grid=grid, **kwargs)
+        if hasattr(picked, "result"):
+            picked = picked.result()
+        if picked is not entry.kernel:
+            raise RuntimeError(
+                f"llmfast fast Triton launch: {self.jit.fn.__name__} would launch another compiled kernel than "
+                f"Triton picks for these arguments (argument types {[type(a).__name__ for a in args]}, keywords "
+                f"{kwargs}); please report this, and set LLMFAST_TRITON_FAST_LAUNCH=0 meanwhile")
 
     def _bind_driver(self):
         from triton import knobs
