@@ -517,8 +517,9 @@ _FAST_ATTENTION_MAX_HEAD_DIM = min(_ops.attention.TRITON_MAX_HEAD_DIM, _ops.atte
 
 def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
     """scaled_dot_product_attention's most common call, with little host time: plain 4-D
-    (B, H, S, D) tensors of one kernel dtype and device, as many key as query heads, no mask,
-    no dropout, no extras, outside autocast and torch.compile. Every condition is checked here,
+    (B, H, S, D) tensors of one kernel dtype and device, as many key as query heads (or, with
+    enable_gqa=True, a divisor of them), no mask, no dropout, no extras, outside autocast and
+    torch.compile. Every condition is checked here,
     cheaply; the output (or None when the general path must handle the call, including every
     call that raises there) is what the general path returns."""
     tensor = torch.Tensor
@@ -531,8 +532,11 @@ def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
             or key.device != device or value.device != device):
         return None
     B, H, Sq, D = query.shape
-    if tuple(key.shape) != (B, H, key.shape[2], D) or tuple(value.shape[:3]) != tuple(key.shape[:3]):
+    Hkv = key.shape[1]
+    if tuple(key.shape) != (B, Hkv, key.shape[2], D) or tuple(value.shape[:3]) != tuple(key.shape[:3]):
         return None
+    if Hkv != H and (enable_gqa is not True or Hkv == 0 or H % Hkv != 0):
+        return None  # grouped-query attention only as asked for, with whole groups
     Dv = value.shape[3]
     if not (0 < B <= _CUDA_MAX_GRID_YZ and 0 < H <= _CUDA_MAX_GRID_YZ and Sq > 0 and key.shape[2] > 0
             and 0 < D <= _FAST_ATTENTION_MAX_HEAD_DIM and 0 < Dv <= _FAST_ATTENTION_MAX_HEAD_DIM):

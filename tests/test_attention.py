@@ -658,6 +658,44 @@ def test_fast_path_equals_general_path(device, backend):
         _fa_rule(results[0][0], gold, lowp, dtype, f"fast path, causal={is_causal}, scale={scale}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["auto", "triton", "cpu", "cuda"])
+def test_fast_path_takes_grouped_query_attention(device, backend):
+    """enable_gqa=True with key heads dividing query heads (GQA, and MQA with one key head)
+    takes the short path too: the same outputs and gradients as the general path, bit for bit."""
+    if backend != "auto" and backend not in backends_for(device):
+        pytest.skip(f"{backend} does not run on {device} here")
+    dtype = torch.float16 if device == "cuda" or backend == "triton" else torch.float32
+    torch.manual_seed(0)
+    for hkv in (2, 1):
+        qkv = torch.randn(2, 17, 4 + 2 * hkv, 24, device=device, dtype=dtype)  # fused projection, (B, S, heads, D)
+        grad = torch.randn(2, 4, 17, 24, device=device, dtype=dtype)
+        results = []
+        for window in (None, (-1, -1)):
+            q = qkv[:, :, :4].transpose(1, 2).detach().requires_grad_()
+            k = qkv[:, :, 4:4 + hkv].transpose(1, 2).detach().requires_grad_()
+            v = qkv[:, :, 4 + hkv:].transpose(1, 2).detach().requires_grad_()
+            with llmfast.use_backend(backend):
+                if window is None:
+                    assert LF._sdpa_fast(q, k, v, 0.0, True, None, True) is not None  # the short path serves it
+                out = LF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, window_size=window)
+                grads = torch.autograd.grad(out, (q, k, v), grad)
+            results.append((out, *grads))
+        for fast, general in zip(*results):
+            torch.testing.assert_close(fast, general, atol=0, rtol=0)
+        q = qkv[:, :, :4].transpose(1, 2)
+        k = qkv[:, :, 4:4 + hkv].transpose(1, 2).repeat_interleave(4 // hkv, dim=1)
+        v = qkv[:, :, 4 + hkv:].transpose(1, 2).repeat_interleave(4 // hkv, dim=1)
+        gold, _ = reference_attention(q.double(), k.double(), v.double(), None, 0.0, True, None)
+        lowp, _ = reference_attention(q, k, v, None, 0.0, True, None, compute_dtype=dtype)
+        _fa_rule(results[0][0], gold, lowp, dtype, f"fast path, GQA with {hkv} key heads")
+    # without enable_gqa, grouped heads are the general path's to refuse
+    q, kv = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    assert LF._sdpa_fast(q, kv, kv, 0.0, False, None, False) is None
+    with pytest.raises(ValueError, match="enable_gqa"):
+        LF.scaled_dot_product_attention(q, kv, kv)
+
+
 def test_fast_path_leaves_bad_arguments_to_the_checks():
     """Arguments the short path does not take go to the general path, which names them."""
     q = torch.randn(1, 2, 8, 16)
