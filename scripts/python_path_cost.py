@@ -51,44 +51,39 @@ def attention_cases():
     return {"attention triton (kernels stubbed) fwd": fwd, "attention triton (kernels stubbed) fwd+bwd": fwd_bwd}
 
 
-def triton_norm_cases():
-    from llmfast.triton import norm as tn
-
-    for name in ("_norm_fwd_kernel", "_norm_fwd_looped_kernel", "_norm_bwd_kernel", "_norm_bwd_row_sums_kernel",
-                 "_norm_bwd_cols_kernel", "_sum_partials_kernel"):
-        setattr(tn, name, _NoKernel())
+def _layer_norm_cases(label, layer_norm):
+    """fwd and fwd+bwd of layer_norm(x, w, b) at 8 x 768 fp32."""
     x = torch.randn(8, 768, requires_grad=True)
     w = torch.randn(768, requires_grad=True)
     b = torch.randn(768, requires_grad=True)
     g = torch.ones(8, 768)
 
     def fwd():
-        with llmfast.use_backend("triton"):
-            return LF.layer_norm(x, (768,), w, b)
+        return layer_norm(x, (768,), w, b)
 
-    return {"layer_norm 8x768 triton (kernels stubbed) fwd": fwd,
-            "layer_norm 8x768 triton (kernels stubbed) fwd+bwd": lambda: torch.autograd.grad(fwd(), (x, w, b), g)}
+    return {f"layer_norm 8x768 {label} fwd": fwd,
+            f"layer_norm 8x768 {label} fwd+bwd": lambda: torch.autograd.grad(fwd(), (x, w, b), g)}
+
+
+def _llmfast_layer_norm(backend):
+    def layer_norm(*args):
+        with llmfast.use_backend(backend):
+            return LF.layer_norm(*args)
+    return layer_norm
+
+
+def triton_norm_cases():
+    from llmfast.triton import norm as tn
+
+    for name in ("_norm_fwd_kernel", "_norm_fwd_looped_kernel", "_norm_bwd_kernel", "_norm_bwd_row_sums_kernel",
+                 "_norm_bwd_cols_kernel", "_sum_partials_kernel"):
+        setattr(tn, name, _NoKernel())
+    return _layer_norm_cases("triton (kernels stubbed)", _llmfast_layer_norm("triton"))
 
 
 def norm_cases():
-    x = torch.randn(8, 768, requires_grad=True)
-    w = torch.randn(768, requires_grad=True)
-    b = torch.randn(768, requires_grad=True)
-    g = torch.ones(8, 768)
-
-    def ours():
-        with llmfast.use_backend("cpu"):
-            return LF.layer_norm(x, (768,), w, b)
-
-    def theirs():
-        return torch.nn.functional.layer_norm(x, (768,), w, b)
-
-    return {
-        "layer_norm 8x768 cpu fwd": ours,
-        "layer_norm 8x768 cpu fwd+bwd": lambda: torch.autograd.grad(ours(), (x, w, b), g),
-        "layer_norm 8x768 torch fwd": theirs,
-        "layer_norm 8x768 torch fwd+bwd": lambda: torch.autograd.grad(theirs(), (x, w, b), g),
-    }
+    return {**_layer_norm_cases("cpu", _llmfast_layer_norm("cpu")),
+            **_layer_norm_cases("torch", torch.nn.functional.layer_norm)}
 
 
 def main(out_path):

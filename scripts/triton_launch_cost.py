@@ -28,7 +28,7 @@ import llmfast.triton.attention as ta  # noqa: E402
 import llmfast.triton.cross_entropy as tce  # noqa: E402
 import llmfast.triton.norm as tn  # noqa: E402
 from llmfast.bench.timing import best_loop_us  # noqa: E402
-from llmfast.triton._stub_driver import StubLauncher, release_kernels, stub_driver  # noqa: E402
+from llmfast.triton._stub_driver import StubLauncher, release_kernels, same_launch, stub_driver  # noqa: E402
 
 
 class _Recorder:
@@ -72,15 +72,6 @@ def record_launches():
     return log
 
 
-def _same_launch(a, b):
-    """Both launcher calls carry the same grid, stream, function, metadata and arguments (the
-    hook slots may differ: None against an empty hook chain, both calling nothing)."""
-    if len(a) != len(b) or a[:6] != b[:6]:
-        return False
-    return all(u is v if isinstance(u, torch.Tensor) else (type(u) is type(v) and u == v)
-               for u, v in zip(a[9:], b[9:]))
-
-
 def main(out_path=None):
     log = record_launches()
     results = []
@@ -91,7 +82,7 @@ def main(out_path=None):
             triton_call = StubLauncher.last
             kernel[grid](*args, **kwargs)  # the fast path's first launch: Triton's, kept
             kernel[grid](*args, **kwargs)  # a fast launch
-            same = _same_launch(triton_call, StubLauncher.last)
+            same = same_launch(triton_call, StubLauncher.last)
             us_triton = us_fast = float("inf")
             for _ in range(3):  # interleaved, best of all: this machine's noise hits both alike
                 us_triton = min(us_triton, best_loop_us(lambda: kernel.jit[grid](*args, **kwargs), iters=2000,

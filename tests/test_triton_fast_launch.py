@@ -16,7 +16,7 @@ from triton import knobs  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from llmfast.triton import _launch  # noqa: E402
-from llmfast.triton._stub_driver import StubDriver, release_kernels, stub_driver  # noqa: E402
+from llmfast.triton._stub_driver import StubDriver, release_kernels, same_launch, stub_driver  # noqa: E402
 
 
 def _toy(x_ptr, y_ptr, n, stride, f, FLAG: tl.constexpr, BLOCK: tl.constexpr, EXTRA: tl.constexpr = 3):
@@ -39,27 +39,6 @@ def _can_compile():
 
 
 pytestmark = pytest.mark.skipif(not _can_compile(), reason="Triton cannot compile for sm_90 here")
-
-
-def _quiet(hook):
-    return hook is None or not getattr(hook, "calls", True)
-
-
-def _same_launch(a, b, hooks=False):
-    """Same grid, stream, function, packed metadata and kernel arguments (the tensors
-    themselves, the scalars with their types). With hooks, the launch metadata and hooks too;
-    without, both calls' hooks must call nothing (the fast path then passes None throughout)."""
-    if len(a) != len(b) or a[:6] != b[:6]:
-        return False
-    if hooks:
-        if (a[6] is None) != (b[6] is None) or (a[6] is not None and a[6].get() != b[6].get()):
-            return False
-        if a[7] is not b[7] or a[8] is not b[8]:
-            return False
-    elif not all(_quiet(h) for h in (*a[7:9], *b[7:9])):
-        return False
-    return all(u is v if isinstance(u, torch.Tensor) else (type(u) is type(v) and u == v)
-               for u, v in zip(a[9:], b[9:]))
 
 
 @pytest.fixture
@@ -105,7 +84,7 @@ def test_fast_launch_runs_the_kernel_triton_picks_with_the_same_arguments(kernel
             expected = calls[-1]
             got = fast[(3,)](*args, **kwargs)
             assert got is picked, (args, kwargs)
-            assert _same_launch(calls[-1], expected), (args, kwargs)
+            assert same_launch(calls[-1], expected), (args, kwargs)
             assert calls[-1][3:6] == (0, f"function:{fast.jit.fn.__name__}", picked.packed_metadata)
             seen.add(id(picked))
     # Triton compiled most variants apart (not all: it does not specialize on every change)
@@ -184,7 +163,7 @@ def test_fast_launch_passes_metadata_when_a_hook_listens(kernel):
         fast.jit[(1,)](x, y, 64, 1, 2.0, FLAG=True, BLOCK=16)
         expected = calls[-1]
         fast[(1,)](x, y, 64, 1, 2.0, FLAG=True, BLOCK=16)
-        assert _same_launch(calls[-1], expected, hooks=True)
+        assert same_launch(calls[-1], expected, hooks=True)
         assert calls[-1][6] is not None and calls[-1][6].get()["name"] == expected[6].get()["name"]
         assert calls[-1][7] is knobs.runtime.launch_enter_hook
     finally:

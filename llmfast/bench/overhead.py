@@ -22,29 +22,31 @@ CASES = (("layer_norm", (8, 768)), ("layer_norm", (1, 64)), ("attention", (1, 8,
 MODES = ("fwd", "fwd+bwd")
 
 
+def _on_backend(spec, backend, fast_launch=True):
+    def forward(args):
+        import llmfast
+
+        with llmfast.use_backend(backend):
+            if fast_launch:
+                return spec.llmfast_fn(args)
+            from llmfast.triton._launch import fast_launch_enabled
+
+            old = fast_launch_enabled(False)
+            try:
+                return spec.llmfast_fn(args)
+            finally:
+                fast_launch_enabled(old)
+    return forward
+
+
 def _providers(spec, device):
     providers = [("torch", spec.eager)]
     for backend in llmfast_backends(device):
-        def forward(args, backend=backend):
-            import llmfast
-
-            with llmfast.use_backend(backend):
-                return spec.llmfast_fn(args)
-        providers.append((f"llmfast-{backend}", forward))
+        providers.append((f"llmfast-{backend}", _on_backend(spec, backend)))
         if backend == "triton" and torch.device(device).type == "cuda":
             # The same, through Triton's own launcher (llmfast/triton/_launch.py off): what the
             # fast launch path saves.
-            def forward_plain(args):
-                import llmfast
-                from llmfast.triton._launch import fast_launch_enabled
-
-                old = fast_launch_enabled(False)
-                try:
-                    with llmfast.use_backend("triton"):
-                        return spec.llmfast_fn(args)
-                finally:
-                    fast_launch_enabled(old)
-            providers.append(("llmfast-triton-tritonlaunch", forward_plain))
+            providers.append(("llmfast-triton-tritonlaunch", _on_backend(spec, backend, fast_launch=False)))
     return providers
 
 

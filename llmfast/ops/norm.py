@@ -169,19 +169,15 @@ def _backward_with_graph(grad_out, grad_residual_out, normed_input, weight, eps,
 EAGER_NORM = None
 
 
-_TRITON_EAGER = []
-
-
+@functools.cache
 def _triton_eager_kernels():
     """The Triton launchers without their argument checks (llmfast.functional has checked and
     made contiguous what it passes; autograd hands the backward gradients of the outputs'
     shape and dtype, made contiguous in _backward)."""
-    if not _TRITON_EAGER:
-        from ..triton import norm as kernels
+    from ..triton import norm as kernels
 
-        _TRITON_EAGER[:] = (functools.partial(kernels.norm_fwd, checked=False),
-                            functools.partial(kernels.norm_bwd, checked=False))
-    return _TRITON_EAGER
+    return (functools.partial(kernels.norm_fwd, checked=False),
+            functools.partial(kernels.norm_bwd, checked=False))
 
 
 def norm_forward(backend, input, residual, weight, bias, eps, rms):

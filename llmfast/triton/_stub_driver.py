@@ -13,7 +13,7 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-__all__ = ["StubLauncher", "StubDriver", "stub_driver", "release_kernels"]
+__all__ = ["StubLauncher", "StubDriver", "stub_driver", "release_kernels", "same_launch"]
 
 
 class StubLauncher:
@@ -89,3 +89,24 @@ def release_kernels(*jit_functions):
             for kernel in list(cache[0].values()):
                 kernel.module = None
             cache[0].clear()
+
+
+def _quiet(hook):
+    return hook is None or not getattr(hook, "calls", True)
+
+
+def same_launch(a, b, hooks=False):
+    """Same grid, stream, function, packed metadata and kernel arguments (the tensors
+    themselves, the scalars with their types). With hooks, the launch metadata and hooks too;
+    without, both calls' hooks must call nothing (the fast path then passes None throughout)."""
+    if len(a) != len(b) or a[:6] != b[:6]:
+        return False
+    if hooks:
+        if (a[6] is None) != (b[6] is None) or (a[6] is not None and a[6].get() != b[6].get()):
+            return False
+        if a[7] is not b[7] or a[8] is not b[8]:
+            return False
+    elif not all(_quiet(h) for h in (*a[7:9], *b[7:9])):
+        return False
+    return all(u is v if isinstance(u, torch.Tensor) else (type(u) is type(v) and u == v)
+               for u, v in zip(a[9:], b[9:]))

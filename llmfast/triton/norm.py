@@ -608,6 +608,36 @@ def _device_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _check_fwd_args(input, residual, weight, bias):
+    op = "llmfast.triton norm_fwd"
+    _check_matrix(input, op, "input")
+    N = input.shape[1]
+    if residual is not None:
+        _check_like(residual, input, op, "residual", "input")
+    if weight is not None:
+        _check_param(weight, N, input, op, "weight")
+    if bias is not None:
+        _check_param(bias, N, input, op, "bias")
+        if weight is not None and bias.dtype != weight.dtype:
+            raise LlmfastTypeError(f"{op}: bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
+
+
+def _check_bwd_args(grad_out, grad_residual_out, x, weight, mean, rstd, rms, weight_grad):
+    op = "llmfast.triton norm_bwd"
+    _check_matrix(x, op, "normed_input")
+    M, N = x.shape
+    _check_like(grad_out, x, op, "grad_out", "normed_input")
+    if grad_residual_out is not None:
+        _check_like(grad_residual_out, x, op, "grad_residual_out", "normed_input")
+    if weight is not None:
+        _check_param(weight, N, x, op, "weight")
+    if weight_grad and weight is None:
+        raise LlmfastValueError(f"{op}: weight_grad=True needs a weight, got None")
+    if not rms:
+        _check_stat(mean, M, x, op, "mean")
+    _check_stat(rstd, M, x, op, "rstd")
+
+
 def norm_fwd(input, residual, weight, bias, eps: float, rms: bool, checked: bool = True):
     """LayerNorm / RMSNorm forward, optionally of input + residual.
 
@@ -618,18 +648,9 @@ def norm_fwd(input, residual, weight, bias, eps: float, rms: bool, checked: bool
     checked=False skips the argument checks, for llmfast's own eager path, which has checked
     (and made contiguous) what it passes: the checks cost host time on every call.
     """
-    op = "llmfast.triton norm_fwd"
     if checked:
-        _check_matrix(input, op, "input")
+        _check_fwd_args(input, residual, weight, bias)
     M, N = input.shape
-    if checked and residual is not None:
-        _check_like(residual, input, op, "residual", "input")
-    if checked and weight is not None:
-        _check_param(weight, N, input, op, "weight")
-    if checked and bias is not None:
-        _check_param(bias, N, input, op, "bias")
-        if weight is not None and bias.dtype != weight.dtype:
-            raise LlmfastTypeError(f"{op}: bias must have the dtype of weight ({weight.dtype}), got {bias.dtype}")
 
     dev = input.device
     out = torch.empty((M, N), dtype=input.dtype, device=dev)
@@ -677,21 +698,10 @@ def norm_bwd(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms:
     grad_bias (N,) weight dtype (input dtype without weight) if bias_grad else empty (0,)).
     checked=False as in norm_fwd (the statistics are then norm_fwd's own, the gradients
     contiguous and of the outputs' shape and dtype, as autograd hands them on)."""
-    op = "llmfast.triton norm_bwd"
-    M, N = normed_input.shape
-    x = normed_input
-    if weight_grad and weight is None:
-        raise LlmfastValueError(f"{op}: weight_grad=True needs a weight, got None")
     if checked:
-        _check_matrix(normed_input, op, "normed_input")
-        _check_like(grad_out, x, op, "grad_out", "normed_input")
-        if grad_residual_out is not None:
-            _check_like(grad_residual_out, x, op, "grad_residual_out", "normed_input")
-        if weight is not None:
-            _check_param(weight, N, x, op, "weight")
-        if not rms:
-            _check_stat(mean, M, x, op, "mean")
-        _check_stat(rstd, M, x, op, "rstd")
+        _check_bwd_args(grad_out, grad_residual_out, normed_input, weight, mean, rstd, rms, weight_grad)
+    x = normed_input
+    M, N = normed_input.shape
 
     dev = x.device
     param_dtype = weight.dtype if weight is not None else x.dtype
