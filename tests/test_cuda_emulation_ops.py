@@ -138,6 +138,23 @@ def test_norm_paths(emulated, kernels, shape, dtype, variant, fwd, bwd, poison):
     assert len(launches) == 2 + (variant != "layer_norm_no_affine"), "then the dW/dB reduction"
 
 
+@pytest.mark.parametrize("kind", ["shifted", "ramped"])
+@pytest.mark.parametrize("emulated,n,dtype", [
+    pytest.param("sm90", 1024, torch.float32, id="sm90-1024-rows_per_block"),
+    pytest.param("sm90", 16384, torch.bfloat16, id="sm90-16384-block_per_row"),
+    pytest.param("sm90", 32768, torch.float32, id="sm90-32768-cluster4"),
+    pytest.param("sm90", 40000, torch.bfloat16, id="sm90-40000-cluster3_part_empty"),
+    pytest.param("sm80", 16384, torch.bfloat16, id="sm80-16384-block_per_row"),
+], indirect=["emulated"])
+def test_norm_row_statistics(emulated, n, dtype, kind, poison):
+    """Statistics merged over threads, warps and the blocks of a cluster (LayerNorm's forward
+    merges (count, mean, M2) pairs): rows with a large mean, and rows whose parts have other
+    means (test_norm._statistics_rows)."""
+    if kind == "shifted" and dtype != torch.float32:
+        pytest.skip("a mean of 1000 in a 16-bit type rounds the rows to a few values")
+    tn.check_row_statistics("cpu", "cpu", n, dtype, kind)
+
+
 @pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm"])
 def test_norm_float32_params_with_half_input(emulated, variant, poison):
     """Mixed precision: float32 weight and bias (another W in the kernels' templates)."""

@@ -126,6 +126,64 @@ def test_float32_params_with_half_input(device, backend, variant, poison):
         _check_against_reference(backend, device, (6, 1000), dtype, variant, param_dtype=torch.float32)
 
 
+def _statistics_rows(n, dtype, device, kind):
+    """Rows that tell stable statistics from unstable ones, and that exercise how the kernels
+    combine partial statistics of parts of a row (threads, warps, blocks of a cluster):
+    - "shifted": mean 1000, standard deviation 1. E[x^2] - mean^2 loses the variance in fp32
+      (relative error ~1e-1); a two-pass or pairwise-merged variance keeps it to ~1e-6.
+    - "ramped": a ramp over each quarter of the row plus noise. A thread of the register kernels
+      holds one 16-byte vector in each quarter, at the same offset, and blocks of a cluster hold
+      contiguous offsets, so every part has another mean: the merge's delta^2 term carries most
+      of the variance."""
+    g = torch.Generator().manual_seed(n)
+    noise = torch.randn(4, n, generator=g)
+    if kind == "shifted":
+        x = 1000.0 + noise
+    else:
+        quarter = max(1, n // 4)
+        ramp = (torch.arange(n) % quarter).float() / quarter * 16.0 - 8.0
+        x = ramp + 0.5 * noise
+    return x.to(device=device, dtype=dtype)
+
+
+def check_row_statistics(backend, device, n, dtype, kind):
+    """LayerNorm (plain, and with a residual of zeros) and RMSNorm of _statistics_rows against
+    the float64 reference; also the saved statistics through the gradient of x."""
+    x = _statistics_rows(n, dtype, device, kind).requires_grad_()
+    zeros = torch.zeros_like(x)
+    x64 = x.detach().double().requires_grad_()
+    # fp32 "shifted" rows: the mean itself rounds at ~1000 * 2^-24 per operation, so outputs
+    # agree to ~1e-4 (an E[x^2] - mean^2 variance is off by ~10%).
+    tol = dict(atol=2e-3, rtol=2e-3) if (kind == "shifted" and dtype == torch.float32) else None
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    for name, ours, ref in (
+        ("layer_norm", lambda t: LF.layer_norm(t, (n,)), lambda t: llmfast.reference.layer_norm(t, (n,))),
+        ("add_layer_norm", lambda t: LF.add_layer_norm(t, zeros, (n,))[0],
+         lambda t: llmfast.reference.layer_norm(t, (n,))),
+        ("rms_norm", lambda t: LF.rms_norm(t, (n,), eps=1e-5), lambda t: llmfast.reference.rms_norm(t, (n,), eps=1e-5)),
+    ):
+        with llmfast.use_backend(backend):
+            y = ours(x)
+            (dx,) = torch.autograd.grad(y, x, g)
+        y_ref = ref(x64)
+        (dx_ref,) = torch.autograd.grad(y_ref, x64, g.double())
+        what = f"{backend} {name} on {kind} rows of {n}"
+        if tol is None:
+            assert_close(y, y_ref, dtype, what)
+        else:
+            torch.testing.assert_close(y.double(), y_ref, **tol, msg=lambda m: f"{what}: {m}")
+        assert_grad_close(dx, dx_ref, dtype, f"{what}, grad of x", scale=1.0 if tol is None else 100.0)
+
+
+@pytest.mark.parametrize("kind", ["shifted", "ramped"])
+@pytest.mark.parametrize("n", [1024, 4096, 16384, 65536])
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_row_statistics_are_stable(device, backend, n, kind, poison):
+    check_row_statistics(backend, device, n, torch.float32, kind)
+    if kind == "ramped":
+        check_row_statistics(backend, device, n, torch.bfloat16, kind)
+
+
 @pytest.mark.parametrize("n", [70000, 131072 + 3])
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_hidden_size_beyond_register_path(device, backend, n, poison):

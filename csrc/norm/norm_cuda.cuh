@@ -3,11 +3,13 @@
 //
 // Algorithm. A row is spread over a "row group" of threads; each thread loads its part of the
 // row with 16-byte vector loads (all loads of a row issued before the first use) and keeps it in
-// registers, packed in the input dtype, until the row is written back. Statistics are two-pass
-// from those registers (mean, then sum((s - mean)^2); never E[x^2] - mean^2), all in fp32. Row
-// sums go through warp shuffles, then shared memory across the warps of the group, then -- when
-// one row is split over a thread-block cluster (Hopper) -- distributed shared memory across the
-// blocks of the cluster. Backward runs a persistent grid: every thread owns the same columns in
+// registers, packed in the input dtype, until the row is written back. Statistics are in fp32
+// and never E[x^2] - mean^2: LayerNorm's forward has each thread take the mean and the sum of
+// squared deviations of its own elements (two passes over its registers) and merges those pairs
+// over the row in one reduction (MergeMoments); the generic kernels take the row's mean, then
+// sum((s - mean)^2). Row reductions go through warp shuffles, then shared memory across the warps
+// of the group, then -- when one row is split over a thread-block cluster (Hopper) -- distributed
+// shared memory across the blocks of the cluster. Backward runs a persistent grid: every thread owns the same columns in
 // every row it visits and adds dy * xhat and dy into fp32 accumulators in shared memory; at the
 // end each cluster writes one fp32 partial row of dW and dB to a workspace, and a small kernel
 // sums the partials in a fixed order (deterministic for a given device and shape). When a row
@@ -51,7 +53,9 @@
 // forward 2MNT, forward+backward 5MNT), shapes 16384x1024 / 16384x4096 / 8192x8192 / 4096x16384 /
 // 2048x65536: LayerNorm forward 2240 / 2780 / 2760 / 2650 / 1760 GB/s, forward+backward
 // 2040 / 2550 / 2380 / 2140 / 1780 GB/s; RMSNorm forward 2250 / 2790 / 2790 / 2770 / 2210,
-// forward+backward 2090 / 2620 / 2560 / 2300 / 2030.
+// forward+backward 2090 / 2620 / 2560 / 2300 / 2030. (Measured with LayerNorm's forward taking two
+// row reductions, mean then sum((s - mean)^2); the one-reduction MergeMoments form is unmeasured:
+// it should bring LayerNorm's forward to RMSNorm's, which takes one.)
 #pragma once
 #include <cstdint>
 
@@ -185,6 +189,35 @@ __device__ __forceinline__ void row_group_sum(float (&v)[K], RowScratch<K>& s, i
   });
 }
 
+// LayerNorm's row statistics in one reduction: each thread holds (count, mean, M2) of its own
+// elements (M2 = sum of squared deviations from that mean, two-pass over its registers), and
+// row_group_reduce merges them pairwise (Chan, Golub and LeVeque's update):
+//   n = na + nb, delta = mean_b - mean_a, mean = mean_a + delta * nb / n,
+//   M2 = M2_a + M2_b + delta^2 * na * nb / n.
+// As stable as the two-pass sum((s - mean)^2) (never E[x^2] - mean^2), with one round of
+// barriers per row instead of two: one cluster barrier less a row when a row spans a cluster.
+// A part with no elements (count 0) is the identity and leaves the other unchanged.
+struct MergeMoments {
+  __device__ __forceinline__ void operator()(float (&a)[3], const float (&b)[3]) const {
+    const float nb = b[0];
+    if (nb == 0.0f) return;
+    const float n = a[0] + nb;
+    const float delta = b[1] - a[1];
+    const float wb = nb / n;  // 1 when a is empty: a becomes b exactly
+    a[2] = a[2] + b[2] + delta * delta * a[0] * wb;
+    a[1] = fmaf(delta, wb, a[1]);
+    a[0] = n;
+  }
+};
+
+template <int K>
+__device__ __forceinline__ void row_group_moments(float (&m)[K], RowScratch<K>& s, int& parity,
+                                                  int tpr, int cluster) {
+  static_assert(K == 3, "moments are (count, mean, M2)");
+  const float empty[3] = {0.0f, 0.0f, 0.0f};
+  row_group_reduce(m, s, parity, tpr, cluster, empty, MergeMoments());
+}
+
 // Asks L2 to fetch bytes [p, p + bytes) ahead of their use (sm_90 bulk prefetch: no registers
 // held, nothing waited for; p 16-byte aligned, bytes a multiple of 16). One thread issues it.
 __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
@@ -246,7 +279,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdParam
   constexpr int VPT = kFwdVecsPerThread;
   using TPack = Packed<T, VEC>;
   using WPack = Packed<W, VEC>;
-  LLMFAST_SHARED(RowScratch<1>, scratch);
+  LLMFAST_SHARED(RowScratch<1>, scratch);          // RMSNorm: sum(s^2)
+  LLMFAST_SHARED(RowScratch<3>, moments_scratch);  // LayerNorm: (count, mean, M2)
   int parity = 0;
 
   const T* x = static_cast<const T*>(p.x);
@@ -297,38 +331,49 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdParam
       }
     }
 
-    // Invalid vectors hold zeros: they add nothing to sum(s) or sum(s^2).
-    float acc[1] = {0.0f};
-#pragma unroll
-    for (int k = 0; k < VPT; ++k) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const float f = s[k].get(e);
-        acc[0] += p.rms ? f * f : f;
-      }
-    }
-    row_group_sum(acc, scratch, parity, p.tpr, p.cluster);
+    // Invalid vectors hold zeros: they add nothing to the sums.
     float mu = 0.0f;
     float var;
     if (p.rms) {
-      var = acc[0] * p.inv_cols;
-    } else {
-      // Second pass over the registers: sum((s - mean)^2).
-      mu = acc[0] * p.inv_cols;
-      acc[0] = 0.0f;
+      float acc[1] = {0.0f};
 #pragma unroll
       for (int k = 0; k < VPT; ++k) {
-        s[k].launder(p.zero);
-        if (valid[k]) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float d = s[k].get(e) - mu;
-            acc[0] += d * d;
-          }
+        for (int e = 0; e < VEC; ++e) {
+          const float f = s[k].get(e);
+          acc[0] += f * f;
         }
       }
       row_group_sum(acc, scratch, parity, p.tpr, p.cluster);
       var = acc[0] * p.inv_cols;
+    } else {
+      // This thread's (count, mean, M2), two passes over its registers, then one merge over
+      // the row group (MergeMoments).
+      float m[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int k = 0; k < VPT; ++k) {
+        if (valid[k]) m[0] += static_cast<float>(VEC);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) m[1] += s[k].get(e);
+      }
+      if (m[0] > 0.0f) {
+        const float local_mu = m[1] / m[0];
+        m[1] = local_mu;
+#pragma unroll
+        for (int k = 0; k < VPT; ++k) {
+          s[k].launder(p.zero);
+          if (valid[k]) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const float d = s[k].get(e) - local_mu;
+              m[2] += d * d;
+            }
+          }
+        }
+      }
+      row_group_moments(m, moments_scratch, parity, p.tpr, p.cluster);
+      mu = m[1];
+      var = m[2] * p.inv_cols;
     }
     const float rs = rsqrtf(var + p.eps);
     if (row_ok && t_row == 0) {
