@@ -14,6 +14,41 @@ import pytest  # noqa: E402
 
 import llmfast  # noqa: E402
 
+
+
+def _triton_language_snapshot():
+    """triton.language's namespaces as they are before any kernel runs: (namespace, its dict)."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return []
+    spaces = [tl, tl.core, tl.math, getattr(tl, "standard", None), tl.core.tensor,
+              getattr(tl.core, "tensor_descriptor_base", None)]
+    return [(ns, dict(vars(ns))) for ns in spaces if ns is not None]
+
+
+_TRITON_LANGUAGE = _triton_language_snapshot()
+
+
+@pytest.fixture(autouse=True)
+def _undo_triton_interpreter_patches():
+    """Triton's interpreter (3.8) swaps triton.language's builtins for interpreted ones during a
+    launch and puts them back afterwards, except when a kernel calls one of triton.language's own
+    @jit helpers (tl.sum, tl.max, ...): that call patches triton.language.core and never restores
+    it. A later real compilation in the same process (tests/test_triton_fast_launch.py compiles
+    for sm_90) then fails inside Triton's code generator. Each test starts from the namespaces as
+    they were before any kernel ran."""
+    for ns, saved in _TRITON_LANGUAGE:
+        current = vars(ns)
+        for name, value in saved.items():
+            if current.get(name) is not value:
+                setattr(ns, name, value)
+        if isinstance(ns, type):  # attributes the interpreter added to a class (e.g. __repr__)
+            for name in [n for n in current if n not in saved and n != "__annotations__"]:
+                delattr(ns, name)
+    yield
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Where the triton backend runs: CUDA tensors, or CPU tensors in Triton's interpreter.
 TRITON_DEVICES = [d for d in DEVICES if d == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"]
