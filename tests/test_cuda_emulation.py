@@ -113,6 +113,20 @@ def test_emulated_fp32_head_dim_256(cuda_kernels_as_cpu, poison):
     ta._check("cpu", "cpu", torch.float32, ("fp32_d256", 1, 1, 1, 35, 33, 256, 200, True, None, None, None))
 
 
+# Head dims over 128 split dK/dV over two blocks per key block (Tiles::kDkdvSplits), 128
+# columns each: D and Dv that end inside the second half, or below it for one of the two.
+SPLIT_COLUMNS = [("d136_dv200", 1, 2, 2, 37, 45, 136, 200, False, None, None, None),
+                 ("d96_dv160_causal_gqa", 1, 2, 1, 33, 33, 96, 160, True, None, None, None)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fused_dq", "dq_kernel"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("case", SPLIT_COLUMNS, ids=[c[0] for c in SPLIT_COLUMNS])
+def test_emulated_split_dkdv_columns(cuda_kernels_as_cpu, case, dtype, deterministic, poison):
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    ta._check("cpu", "cpu", dtype, case)
+
+
 def test_emulated_dropout_matches_cpu_kernels(cuda_kernels_as_cpu):
     """The CUDA kernels draw the CPU kernels' dropout pattern: same seed, same output and
     gradients (up to rounding) as the C++ CPU kernels."""

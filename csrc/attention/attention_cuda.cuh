@@ -10,7 +10,8 @@
 //             fed from the same registers (mma.cuh, a_from_c). O and the row statistics never
 //             leave registers until the end; the (Sq, Sk) scores never exist in memory.
 //   backward  delta = rowsum(dO * O) - dlse first (attention_delta_kernel), then
-//             dK/dV: one block per (kKeys keys, kv head, batch), each warp owns 16 keys and
+//             dK/dV: one block per (kKeys keys, kv head, batch) -- at head dims over 128 two,
+//                    each accumulating half of dK's and dV's columns --, each warp owns 16 keys and
 //                    loops over the query tiles of every query head of its group (GQA sums in
 //                    registers): S^T = K Q^T, dP^T = V dO^T, dS = P (dP - delta),
 //                    dV += P^T dO, dK += scale dS^T Q; and, fused (FlashAttention-2's
@@ -105,6 +106,12 @@ struct Tiles {
   static constexpr int kKeys = kWide ? 32 : 64;     // keys per block (dK/dV)
   // queries per tile (dK/dV); 32 from head dim 128 on, where dK and dV take half the registers
   static constexpr int kQueries = kD >= 128 ? 32 : 64;
+  // dK/dV columns one block accumulates. Past 128, dK and dV alone would be 2 * kD / 2 fp32
+  // registers a thread (ptxas spilled kilobytes at 256), so kDkdvSplits blocks share a key
+  // block, each accumulating 128 columns; each recomputes the scores and dP (1.5x the products of
+  // a step at 256).
+  static constexpr int kDkdvCols = kD > 128 ? 128 : kD;
+  static constexpr int kDkdvSplits = kD / kDkdvCols;
   static constexpr int kStages = sizeof(T) == 2 ? 2 : 1;
   static constexpr int kLd = padded_ld<T>(kD);
   // The forward keeps its warp's Q fragments in registers where they fit beside O.
@@ -593,9 +600,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
 // 16 (w % kQB) .. + 15 of the tile (A = dS, read transposed) by the block's keys (B = K) for
 // the head-dim columns of its part (w / kQB, when there are more warps than 16-query blocks)
 // and adds the result into dq_accum. Calls __syncthreads (uniformly: a block-wide condition).
-template <typename T, int kD, int kKeys, int kQ>
+template <typename T, int kD, int kKeys, int kQ, int kCols>
 LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[1][kQ / 8][4], T* sdS, const T* sK,
-                                  int64_t bh, int64_t i0, int warp, int lane) {
+                                  int64_t bh, int64_t i0, int col0, int warp, int lane) {
   constexpr int kLdS = Tiles<T, kD>::kLdS, kLd = Tiles<T, kD>::kLd;
   constexpr int kWarps = kKeys / 16, kQB = kQ / 16, kParts = kWarps / kQB;
   static_assert(kKeys >= kQ && kWarps % kQB == 0, "every 16-query block needs whole warps");
@@ -613,8 +620,9 @@ LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[1][kQ / 8][
   const int qb = warp % kQB, part = warp / kQB;
   float* dq = p.dq_accum + (bh * p.Sq + i0 + qb * 16) * p.D;
 #pragma unroll 1
-  for (int np = part; np < kD / 16; np += kParts) {  // pairs of 8-column n-tiles
-    if (np * 16 >= p.D) break;                        // padding columns: nothing to add
+  // pairs of 8-column n-tiles, over this block's columns [col0, col0 + kCols)
+  for (int np = col0 / 16 + part; np < (col0 + kCols) / 16; np += kParts) {
+    if (np * 16 >= p.D) break;  // padding columns: nothing to add
     float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
@@ -651,6 +659,7 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
   using Cfg = Tiles<T, kD>;
   constexpr int kKeys = Cfg::kKeys, kQ = Cfg::kQueries, kLd = Cfg::kLd, kThreads = kKeys * 2;
   constexpr int kStages = Cfg::kStages;
+  constexpr int kCols = Cfg::kDkdvCols, kSplits = Cfg::kDkdvSplits;
   LLMFAST_DYNAMIC_SHARED(smem);
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kKeys * kLd;
@@ -664,7 +673,10 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int64_t b = blockIdx.z, hk = blockIdx.y, bhk = b * p.Hkv + hk;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kKeys;
+  // Blocks kSplits * kb .. kSplits * kb + kSplits - 1 share key block kb; this one accumulates
+  // dK and dV columns [col0, col0 + kCols).
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x / kSplits) * kKeys;
+  const int col0 = static_cast<int>(blockIdx.x % kSplits) * kCols;
   const int nkeys = static_cast<int>(p.Sk - j0 < kKeys ? p.Sk - j0 : kKeys);
   const uint64_t seed = p.dropout_p > 0.f ? static_cast<uint64_t>(*p.seed) : 0;
 
@@ -695,9 +707,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
   if (kStages == 2 && steps > 0) load_step(0, 0);
   device::async_commit();
 
-  float dk[1][kD / 8][4], dv[1][kD / 8][4];
+  float dk[1][kCols / 8][4], dv[1][kCols / 8][4];
 #pragma unroll
-  for (int n = 0; n < kD / 8; ++n) {
+  for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[0][n][e] = dv[0][n][e] = 0.f;
   }
@@ -734,11 +746,11 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
         dp[0][n][e] = dsr;
       }
     }
-    mma::warp_gemm_pb<T, 1, kD, kQ>(dv, s, sdO, kLd, lane);  // dV += P^T dO
-    mma::warp_gemm_pb<T, 1, kD, kQ>(dk, dp, sQ, kLd, lane);  // dK += dS^T Q
+    mma::warp_gemm_pb<T, 1, kCols, kQ>(dv, s, sdO + col0, kLd, lane);  // dV += P^T dO
+    mma::warp_gemm_pb<T, 1, kCols, kQ>(dk, dp, sQ + col0, kLd, lane);  // dK += dS^T Q
     if constexpr (Cfg::kFusedDq) {
       if (p.dq_accum != nullptr) {
-        fused_dq_step<T, kD, kKeys, kQ>(p, dp, sdS, sK, b * p.Hq + h, i0, warp, lane);
+        fused_dq_step<T, kD, kKeys, kQ, kCols>(p, dp, sdS, sK, b * p.Hq + h, i0, col0, warp, lane);
       }
     }
     __syncthreads();
@@ -752,9 +764,9 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kKeys * 2)
     const int64_t j = key0 + r * 8;
     if (j < p.Sk) {
 #pragma unroll
-      for (int n = 0; n < kD / 8; ++n) {
-        store_pair(dkp + j * p.D, n * 8 + 2 * t, p.D, dk[0][n][2 * r], dk[0][n][2 * r + 1]);
-        store_pair(dvp + j * p.Dv, n * 8 + 2 * t, p.Dv, dv[0][n][2 * r], dv[0][n][2 * r + 1]);
+      for (int n = 0; n < kCols / 8; ++n) {
+        store_pair(dkp + j * p.D, col0 + n * 8 + 2 * t, p.D, dk[0][n][2 * r], dk[0][n][2 * r + 1]);
+        store_pair(dvp + j * p.Dv, col0 + n * 8 + 2 * t, p.Dv, dv[0][n][2 * r], dv[0][n][2 * r + 1]);
       }
     }
   }

@@ -254,7 +254,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_
 
     auto dkdv_kernel = &attention_bwd_dkdv_kernel<T, kD>;
     device::allow_shared_bytes(dkdv_kernel, Cfg::dkdv_shared_bytes());
-    const dim3 dkdv_grid(static_cast<unsigned>((pr.Sk + Cfg::kKeys - 1) / Cfg::kKeys),
+    const dim3 dkdv_grid(static_cast<unsigned>((pr.Sk + Cfg::kKeys - 1) / Cfg::kKeys * Cfg::kDkdvSplits),
                          static_cast<unsigned>(pr.Hkv), static_cast<unsigned>(pr.B));
     LLMFAST_LAUNCH(dkdv_kernel, dkdv_grid, dim3(Cfg::kKeys * 2), Cfg::dkdv_shared_bytes(), p);
     device::check_launch();
