@@ -15,7 +15,6 @@ import pytest  # noqa: E402
 import llmfast  # noqa: E402
 
 
-
 def _triton_language_snapshot():
     """triton.language's namespaces as they are before any kernel runs: (namespace, its dict)."""
     try:

@@ -106,7 +106,7 @@ struct Tiles {
   static constexpr int kKeys = kWide ? 32 : 64;     // keys per block (dK/dV)
   // queries per tile (dK/dV); 32 from head dim 128 on, where dK and dV take half the registers
   static constexpr int kQueries = kD >= 128 ? 32 : 64;
-  // dK/dV columns one block accumulates. Past 128, dK and dV alone would be 2 * kD / 2 fp32
+  // dK/dV columns one block accumulates. Past 128, dK and dV together would take kD fp32
   // registers a thread (ptxas spilled kilobytes at 256), so kDkdvSplits blocks share a key
   // block, each accumulating 128 columns; each recomputes the scores and dP (1.5x the products of
   // a step at 256).
@@ -619,8 +619,8 @@ LLMFAST_DEVICE void fused_dq_step(const Params& p, const float (&ds)[1][kQ / 8][
   __syncthreads();
   const int qb = warp % kQB, part = warp / kQB;
   float* dq = p.dq_accum + (bh * p.Sq + i0 + qb * 16) * p.D;
-#pragma unroll 1
   // pairs of 8-column n-tiles, over this block's columns [col0, col0 + kCols)
+#pragma unroll 1
   for (int np = col0 / 16 + part; np < (col0 + kCols) / 16; np += kParts) {
     if (np * 16 >= p.D) break;  // padding columns: nothing to add
     float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};

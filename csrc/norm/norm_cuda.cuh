@@ -9,8 +9,9 @@
 // over the row in one reduction (MergeMoments); the generic kernels take the row's mean, then
 // sum((s - mean)^2). Row reductions go through warp shuffles, then shared memory across the warps
 // of the group, then -- when one row is split over a thread-block cluster (Hopper) -- distributed
-// shared memory across the blocks of the cluster. Backward runs a persistent grid: every thread owns the same columns in
-// every row it visits and adds dy * xhat and dy into fp32 accumulators in shared memory; at the
+// shared memory across the blocks of the cluster. Backward runs a persistent grid: every thread
+// owns the same columns in every row it visits and adds dy * xhat and dy into fp32 accumulators
+// in shared memory; at the
 // end each cluster writes one fp32 partial row of dW and dB to a workspace, and a small kernel
 // sums the partials in a fixed order (deterministic for a given device and shape). When a row
 // spans a cluster (1-2 rows in flight per SM), backward also has L2 fetch the next row (sm_90
@@ -210,10 +211,8 @@ struct MergeMoments {
   }
 };
 
-template <int K>
-__device__ __forceinline__ void row_group_moments(float (&m)[K], RowScratch<K>& s, int& parity,
-                                                  int tpr, int cluster) {
-  static_assert(K == 3, "moments are (count, mean, M2)");
+__device__ __forceinline__ void row_group_moments(float (&m)[3], RowScratch<3>& s, int& parity, int tpr,
+                                                  int cluster) {
   const float empty[3] = {0.0f, 0.0f, 0.0f};
   row_group_reduce(m, s, parity, tpr, cluster, empty, MergeMoments());
 }
