@@ -75,15 +75,24 @@ def _check_same(ours, theirs, inputs, dtype, what):
     if not inputs or not b[0].requires_grad:
         return
     assert a[0].requires_grad, f"{what}: output does not require grad, torch's does"
-    g = torch.randn_like(b[0])
-    ga = torch.autograd.grad(a[0], inputs, g, allow_unused=True)
-    gb = torch.autograd.grad(b[0], inputs, g, allow_unused=True)
-    for i, (x, y) in enumerate(zip(ga, gb)):
+    _check_same_grads(a[0], b[0], inputs, inputs, [f"{i}" for i in range(len(inputs))], dtype, what)
+
+
+def _check_same_grads(out_ours, out_theirs, leaves_ours, leaves_theirs, labels, dtype, what, missing_as_zero=True):
+    """The gradients of out_ours with respect to leaves_ours against those of out_theirs with
+    respect to leaves_theirs, one upstream gradient for both. A gradient that one side leaves
+    out counts as zeros (missing_as_zero), or must be left out by both."""
+    g = torch.randn_like(out_theirs)
+    ga = torch.autograd.grad(out_ours, leaves_ours, g, allow_unused=True)
+    gb = torch.autograd.grad(out_theirs, leaves_theirs, g, allow_unused=True)
+    for label, x, y in zip(labels, ga, gb):
+        if not missing_as_zero:
+            assert (x is None) == (y is None), f"{what}: gradient of {label}: {x is None} vs torch {y is None}"
         if x is None and y is None:
             continue
         x = torch.zeros_like(y) if x is None else x
         y = torch.zeros_like(x) if y is None else y
-        assert _close(x, y, dtype, scale=10.0), (f"{what}: gradient {i} differs from torch's, max abs diff "
+        assert _close(x, y, dtype, scale=10.0), (f"{what}: gradient {label} differs from torch's, max abs diff "
                                                  f"{(x.double() - y.double()).abs().max().item()}")
 
 
@@ -166,14 +175,8 @@ def test_modules_match_torch_on_its_module_inputs(cls, dtype, device):
             # The inputs are shared; the parameters are each module's own (equal values): one
             # backward each, over the inputs and that module's parameters.
             inputs = list({id(t): t for t in _tensors([fwd.args, fwd.kwargs]) if t.requires_grad}.values())
-            names = [n for n, _ in theirs_module.named_parameters()]
-            g = torch.randn_like(out_theirs)
-            ga = torch.autograd.grad(out_ours, inputs + list(ours_module.parameters()), g, allow_unused=True)
-            gb = torch.autograd.grad(out_theirs, inputs + list(theirs_module.parameters()), g, allow_unused=True)
-            for label, x, y in zip([f"input {i}" for i in range(len(inputs))] + names, ga, gb):
-                assert (x is None) == (y is None), f"{what}: gradient of {label}: {x is None} vs torch {y is None}"
-                if x is not None:
-                    assert _close(x, y, dtype, scale=10.0), (f"{what}: gradient of {label} differs from torch's, "
-                                                             f"max abs diff {(x - y).abs().max().item()}")
+            labels = [f"input {i}" for i in range(len(inputs))] + [n for n, _ in theirs_module.named_parameters()]
+            _check_same_grads(out_ours, out_theirs, inputs + list(ours_module.parameters()),
+                              inputs + list(theirs_module.parameters()), labels, dtype, what, missing_as_zero=False)
         compared += 1
     assert compared > 0, f"no module input of {cls.__name__} was compared"
