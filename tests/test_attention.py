@@ -263,6 +263,23 @@ def test_non_contiguous_views_of_fused_qkv(device, backend, poison):
             torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3)
 
 
+def test_triton_copies_head_dims_whose_offsets_pass_int32():
+    """The Triton kernels compute a head-dim offset (d * stride of the last dimension) in int32:
+    a tensor with the head dim laid out outermost in a huge tensor (stride * D >= 2^31) is made
+    contiguous first; ordinary strides pass through untouched (no copy). Meta tensors: sizes
+    this large cannot be allocated in a test."""
+    pytest.importorskip("triton")
+    from llmfast.triton import attention as triton_attention
+
+    D = 64
+    huge = torch.empty_strided((1, 2, 8, D), (1, 8, 1, 2 ** 31 // D), device="meta")
+    fine = torch.empty_strided((1, 2, 8, D), (1, 8, 1, 2 ** 31 // D - 1), device="meta")
+    usual = torch.empty((2, 4, 16, D), device="meta").transpose(1, 2)
+    got_huge, got_fine, got_usual = triton_attention._head_dim_offsets_fit(huge, fine, usual)
+    assert got_huge.is_contiguous() and got_huge.shape == huge.shape
+    assert got_fine is fine and got_usual is usual
+
+
 @pytest.mark.skipif("triton" not in llmfast.available_backends(), reason="Triton is not usable here")
 def test_auto_routes_batches_over_the_cuda_grid_limit_to_triton(monkeypatch):
     """The cuda kernels put heads and batch in the grid's y and z (at most 65535 each): under

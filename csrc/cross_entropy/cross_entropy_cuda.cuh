@@ -598,9 +598,10 @@ __global__ void __launch_bounds__(kScaleThreads) ce_scale_grad_kernel(T* grad, c
     const float f = go[per_row ? row : 0];
     if (f == 1.0f) continue;
     T* g = grad + row * static_cast<int64_t>(V);
-    const int begin = static_cast<int>(tile % col_blocks) * kScaleThreads * kScaleElemsPerThread;
-    const int end = min(V, begin + kScaleThreads * kScaleElemsPerThread);
-    for (int j = begin + threadIdx.x; j < end; j += kScaleThreads) {
+    // 64-bit column bounds: begin + one block's span passes INT_MAX for V within 2^31 of it.
+    const int64_t begin = (tile % col_blocks) * kScaleThreads * kScaleElemsPerThread;
+    const int64_t end = min(static_cast<int64_t>(V), begin + kScaleThreads * kScaleElemsPerThread);
+    for (int64_t j = begin + threadIdx.x; j < end; j += kScaleThreads) {
       g[j] = static_cast<T>(static_cast<float>(g[j]) * f);
     }
   }

@@ -800,6 +800,13 @@ def _check_qkv(op, query, key, value):
     return B, Hq, Hkv, Sq, Sk, D, Dv
 
 
+def _head_dim_offsets_fit(*tensors):
+    """Tensors whose head-dim offsets (offs_d * stride, int32 in the kernels) fit in 32 bits;
+    a tensor whose last-dimension stride times its size does not (the head dim laid out
+    outermost in a huge tensor) is copied contiguous. Costs an attribute read per tensor."""
+    return tuple(t.contiguous() if t.dim() and t.stride(-1) * t.shape[-1] >= 2 ** 31 else t for t in tensors)
+
+
 def _dims(query, key, value):
     """(B, Hq, Hkv, Sq, Sk, D, Dv) of arguments already checked (what _check_qkv returns)."""
     (B, Hq, Sq, D), (Hkv, Sk), Dv = query.shape, key.shape[1:3], value.shape[3]
@@ -896,6 +903,7 @@ def attention_fwd(query, key, value, attn_mask: Optional[torch.Tensor], scale: f
     else:
         B, Hq, Hkv, Sq, Sk, D, Dv = _dims(query, key, value)
         mask, kind, mask_row, ms = _mask_layout(attn_mask, (B, Hq, Sq, Sk))
+    query, key, value = _head_dim_offsets_fit(query, key, value)
     out = torch.empty((B, Hq, Sq, Dv), dtype=query.dtype, device=dev)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
     if B * Hq * Sq == 0:
@@ -951,6 +959,7 @@ def attention_bwd(grad_out, query, key, value, out, lse, grad_lse: Optional[torc
         B, Hq, Hkv, Sq, Sk, D, Dv = _dims(query, key, value)
         mask, kind, mask_row, ms = _mask_layout(attn_mask, (B, Hq, Sq, Sk))
     mask_grad = bool(mask_grad) and kind == _ADD_MASK
+    query, key, value, out, grad_out = _head_dim_offsets_fit(query, key, value, out, grad_out)
     grad_query = torch.empty((B, Hq, Sq, D), dtype=query.dtype, device=dev)
     grad_key = torch.empty((B, Hkv, Sk, D), dtype=key.dtype, device=dev)
     grad_value = torch.empty((B, Hkv, Sk, Dv), dtype=value.dtype, device=dev)
