@@ -10,7 +10,7 @@
 """
 from . import _extension
 from ._backend import BACKENDS, available_backends, current_backend, use_backend
-from ._errors import BackendUnavailableError, LlmfastTypeError, LlmfastValueError
+from ._errors import BackendUnavailableError, LlmfastIndexError, LlmfastTypeError, LlmfastValueError
 from . import functional, nn, reference  # noqa: E402
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "nn",
     "reference",
     "BackendUnavailableError",
+    "LlmfastIndexError",
     "LlmfastTypeError",
     "LlmfastValueError",
 ]

@@ -14,5 +14,9 @@ class LlmfastTypeError(TypeError, RuntimeError):
     """An argument has the wrong dtype or device."""
 
 
+class LlmfastIndexError(IndexError, RuntimeError):
+    """A class index (a cross-entropy target) is out of range (IndexError, as torch raises)."""
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine or for this input."""

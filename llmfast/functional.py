@@ -210,8 +210,15 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     The loss is returned in the input's dtype (in float32 under torch.autocast, as torch's); it
     is accumulated in fp32 ('mean' divides by the
     sum of the target weights of non-ignored tokens: NaN when all are ignored, as in torch). On
-    the CPU, a target outside [0, C) that is not ignore_index raises; the GPU kernels do not
-    check (that would synchronise) and treat such a token as ignored.
+    the CPU, a target outside [0, C) that is not ignore_index raises IndexError; the GPU kernels
+    do not check (that would synchronise) and treat such a token as ignored. Class weights get
+    no gradient (one that requires grad is refused, as by torch).
+
+    Autograd, where it differs from torch: the graph's backward runs once (a second
+    `backward(retain_graph=True)` through the same loss raises; the kernels' saved gradient is
+    consumed), and double backward (create_graph=True) needs the logits to stay alive, i.e. a
+    leaf or a tensor the caller keeps (see llmfast.ops.cross_entropy). Rows whose target is
+    ignored get a zero gradient even where their logits are NaN (torch's is NaN there).
 
     Vocabulary parallelism (`process_group`, a torch.distributed.ProcessGroup): `input` is this
     rank's contiguous slice of the classes (rank r owns [offset_r, offset_r + C_r), slices in
@@ -252,6 +259,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         if tuple(weight.shape) != (n_classes,):
             raise LlmfastValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), got {tuple(weight.shape)}")
         _checks.same_device(fn, "weight", weight, "input", input)
+    if isinstance(weight, torch.Tensor) and weight.requires_grad and torch.is_grad_enabled():
+        # torch's nll_loss refuses it too rather than leave the weight without its gradient.
+        raise LlmfastValueError(f"{fn}: weight must not require grad with class-index targets (the loss is not "
+                                f"differentiable with respect to the class weights, as in torch); pass weight.detach()")
     ignore_index, label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss,
                                                                    softcap)
     if not isinstance(inplace_backward, bool):

@@ -220,16 +220,16 @@ def test_large_logits_and_neg_inf(device, backend, dtype, poison):
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[0] == "cpu"])
 def test_out_of_range_target_raises_on_cpu(device, backend):
-    """On the CPU a bad target is an error raised before any kernel runs (logits untouched, even
-    with inplace_backward)."""
+    """On the CPU a bad target is an IndexError (as torch's) raised before any kernel runs
+    (logits untouched, even with inplace_backward)."""
     x = torch.randn(4, 10, requires_grad=True)
     for bad in (10, -1, 12345):
         t = torch.tensor([1, -100, bad, 3])
-        with llmfast.use_backend(backend), pytest.raises((RuntimeError, ValueError, IndexError), match="out of"):
+        with llmfast.use_backend(backend), pytest.raises(IndexError, match="out of"):
             LF.cross_entropy(x, t)
         logits = x.detach().clone().requires_grad_()
         before = logits.detach().clone()
-        with llmfast.use_backend(backend), pytest.raises((RuntimeError, ValueError, IndexError), match="out of"):
+        with llmfast.use_backend(backend), pytest.raises(IndexError, match="out of"):
             LF.cross_entropy(logits * 1.0, t, inplace_backward=True)
         assert torch.equal(logits.detach(), before)
 
@@ -373,6 +373,7 @@ def test_bad_input_names_the_argument(device, backend):
         (lambda: LF.cross_entropy(x, t[:3]), "target"),
         (lambda: LF.cross_entropy(x.int(), t), "input"),
         (lambda: LF.cross_entropy(x, t, torch.rand(15, device=device)), "weight"),
+        (lambda: LF.cross_entropy(x, t, torch.rand(16, device=device, requires_grad=True)), "weight"),
         (lambda: LF.cross_entropy(x, t, reduction="avg"), "reduction"),
         (lambda: LF.cross_entropy(x, t, label_smoothing=1.5), "label_smoothing"),
         (lambda: LF.cross_entropy(x, t, z_loss=-1.0), "z_loss"),

@@ -229,7 +229,8 @@ Prepared prepare(const char* op, const at::Tensor& logits, const at::Tensor& tar
   for (int64_t i = 0; i < M; ++i) {
     const int64_t ti = t[i];
     if (ti == ignore_index) continue;
-    LLMFAST_CHECK(ti >= 0 && ti < V, op, "target[", i, "] = ", ti,
+    // IndexError in Python, as torch raises for an out-of-range class index.
+    TORCH_CHECK_INDEX(ti >= 0 && ti < V, op, ": target[", i, "] = ", ti,
                   " is out of range: targets must be in [0, ", V, ") or equal ignore_index (",
                   ignore_index, ")");
     total += w != nullptr ? w[ti] : 1.0;

@@ -60,7 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _checks
-from .._errors import LlmfastTypeError, LlmfastValueError
+from .._errors import LlmfastIndexError, LlmfastTypeError, LlmfastValueError
 from ..ops import _create_graph
 from ..ops.cross_entropy import default_chunk_rows
 
@@ -139,7 +139,7 @@ def _check_target_range(fn, target, vocab, ignore_index):
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bad.any():
         value = target[bad][0].item()
-        raise LlmfastValueError(
+        raise LlmfastIndexError(
             f"{fn}: target {value} is out of range: targets must be global class ids in [0, {vocab}) (the "
             f"vocabulary of all ranks of process_group) or equal ignore_index ({ignore_index})")
 

@@ -25,7 +25,7 @@ and loss_i = 0 for tokens whose target equals ignore_index. Reductions as torch:
 every target is ignored, as in torch).
 
 Computed in float32 (float64 for float64 input), returned in the input's dtype. Targets out of
-[0, C) that are not ignore_index raise (torch's indexing error on the CPU).
+[0, C) that are not ignore_index raise IndexError on the CPU (as torch's nll_loss).
 """
 import torch
 
@@ -53,6 +53,11 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     lse = torch.logsumexp(x2, dim=-1)
     logp = torch.log_softmax(x2, dim=-1)  # (not x2 - lse: a +inf logit makes the row NaN, as in torch)
     valid = t != ignore_index
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = valid & ((t < 0) | (t >= n_classes))
+        if bool(bad.any()):  # IndexError, as torch's nll_loss on the CPU
+            raise IndexError(f"cross_entropy: target {int(t[bad][0])} is out of range: targets must be in "
+                             f"[0, {n_classes}) or equal ignore_index ({ignore_index})")
     t_safe = torch.where(valid, t, torch.zeros_like(t))
     zero = torch.zeros((), dtype=acc, device=x.device)
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmfast._errors import LlmfastTypeError, LlmfastValueError
+from llmfast._errors import LlmfastIndexError, LlmfastTypeError, LlmfastValueError
 
 from ._device import num_sms
 from ._launch import fast_jit
@@ -358,7 +358,7 @@ def _prepare(op, logits, target, weight, reduction, ignore_index, label_smoothin
         bad = (target != ignore_index) & ((target < 0) | (target >= V))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
-            raise LlmfastValueError(
+            raise LlmfastIndexError(
                 f"{op}: target[{i}] = {int(target[i])} is out of range: targets must be in [0, {V}) "
                 f"or equal ignore_index ({ignore_index})")
 
