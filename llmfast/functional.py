@@ -457,9 +457,12 @@ def _as_4d(t):
 def _broadcast_batch(fn, query, key, value):
     """query (..., Hq, Sq, D), key (..., Hkv, Sk, D), value (..., Hkv, Sk, Dv) with their batch
     dimensions (all but the last three; missing ones count as 1) broadcast together, as torch
-    does: expanded views, no copies."""
+    does: expanded views, no copies. Inputs of fewer dimensions than the others get leading 1s up
+    to the largest rank (at least 3), so the output has torch's rank: the largest of the inputs'."""
+    rank = max(3, query.dim(), key.dim(), value.dim())
+
     def pad(t):
-        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+        return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) if t.dim() < rank else t
 
     shapes = [tuple(t.shape[:-3]) for t in (query, key, value)]
     if shapes[0] == shapes[1] == shapes[2] and query.dim() == key.dim() == value.dim():
@@ -589,7 +592,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (-1 =
       unbounded on that side; combines with is_causal and attn_mask).
     - softcap: scores = softcap * tanh(scores / softcap) before masking (Gemma 2).
-    - return_lse=True returns (out, lse), lse (..., Hq, Sq) float32 = logsumexp of each row's
+    - return_lse=True returns (out, lse), lse (..., Hq, Sq) float32 (float64 for float64
+      inputs) = logsumexp of each row's
       scaled, masked scores (-inf for a fully masked row); it is differentiable.
 
     Backends: 'cuda' (FlashAttention-2 kernels in llmfast._C on the tensor cores for fp16/bf16,

@@ -306,6 +306,45 @@ def test_auto_routes_batches_over_the_cuda_grid_limit_to_triton(monkeypatch):
     assert seen == ["triton", "cuda"]
 
 
+def check_nan_propagates_as_torch(backend, device, dtype):
+    """A NaN in a query row or a key, and a NaN or +inf additive mask entry, make the output rows
+    they reach NaN, as in torch: the kernels must not read such a row as fully masked (output 0).
+    The NaN pattern and the finite values are compared with torch's own function."""
+    torch.manual_seed(11)
+    B, H, Sq, Sk, D = 1, 2, 37, 45, 32
+    base = [torch.randn(B, H, s, D, device=device, dtype=dtype) for s in (Sq, Sk, Sk)]
+    mask = torch.randn(B, H, Sq, Sk, device=device, dtype=dtype)
+    cases = []
+    q, k, v = (t.clone() for t in base)
+    q[0, 0, 3] = float("nan")  # every score of one row NaN (no finite maximum)
+    cases.append(("NaN query row", q, k, v, None, False))
+    q, k, v = (t.clone() for t in base)
+    k[0, 1, 20, 5] = float("nan")  # one key: the rows that see it (causal, top-left: rows >= 20)
+    cases.append(("NaN key", q, k, v, None, True))
+    m = mask.clone()
+    m[0, 0, 5, 9], m[0, 1, 6, 44], m[0, 1, 20, 0] = float("nan"), float("inf"), float("-inf")
+    cases.append(("NaN / inf mask entries", *base, m, False))
+    for what, q, k, v, m, causal in cases:
+        with llmfast.use_backend(backend):
+            out, lse = LF.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=causal, return_lse=True)
+        cpu = [t.float().cpu() if t is not None else None for t in (q, k, v, m)]
+        expected = torch.nn.functional.scaled_dot_product_attention(*cpu[:3], attn_mask=cpu[3], is_causal=causal)
+        nan = torch.isnan(expected)
+        assert nan.any() and torch.equal(nan.any(-1), nan.all(-1)), f"{what}: the case should reach whole rows"
+        assert torch.equal(torch.isnan(out.float().cpu()), nan), f"{backend} {what}: NaN pattern differs from torch's"
+        # The row's logsumexp is NaN too (not -inf, which backward would take for a fully masked
+        # row and give zero gradients).
+        assert torch.equal(torch.isnan(lse.cpu()), nan.all(-1)), f"{backend} {what}: lse of the NaN rows"
+        torch.testing.assert_close(out.float().cpu()[~nan], expected[~nan], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_nan_propagates_as_torch(device, backend):
+    check_nan_propagates_as_torch(backend, device, torch.float32)
+    if device != "cpu" or backend != "triton":  # (the interpreter's 16-bit dot products are slow)
+        check_nan_propagates_as_torch(backend, device, torch.float16)
+
+
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 def test_other_ranks_and_empty(device, backend):
     """(Hq, S, D) 3-D and (B, T, H, S, D) 5-D inputs; empty batch, Sq = 0 and Sk = 0."""
@@ -345,7 +384,9 @@ def test_batch_and_head_broadcasting_as_torch(device, backend):
     """Batch dimensions broadcast (missing ones count as 1) and a single query or key head
     broadcasts over the other side's heads, as in torch's math path; gradients reduce back."""
     shapes = [((2, 3, 5, 16), (1, 3, 6, 16)), ((2, 2, 3, 5, 16), (3, 6, 16)), ((3, 5, 16), (2, 3, 6, 16)),
-              ((2, 3, 5, 16), (2, 1, 6, 16)), ((2, 1, 5, 16), (2, 3, 6, 16)), ((5, 16), (6, 16))]
+              ((2, 3, 5, 16), (2, 1, 6, 16)), ((2, 1, 5, 16), (2, 3, 6, 16)), ((5, 16), (6, 16)),
+              # ranks under 4 that differ: the output has the largest rank, as torch's
+              ((2, 5, 16), (6, 16)), ((5, 16), (1, 6, 16))]
     for qs, ks in shapes:
         torch.manual_seed(zlib.crc32(repr((qs, ks)).encode()))
         q, k, v = (torch.randn(*s, device=device, requires_grad=True) for s in (qs, ks, ks))

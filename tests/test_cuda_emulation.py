@@ -127,6 +127,12 @@ def test_emulated_split_dkdv_columns(cuda_kernels_as_cpu, case, dtype, determini
     ta._check("cpu", "cpu", dtype, case)
 
 
+def test_emulated_nan_propagates_as_torch(cuda_kernels_as_cpu):
+    """NaN queries, keys and mask entries (and +inf mask entries) give NaN rows, not the zeros of a
+    fully masked row (the forward's row sum is NaN there, not 0)."""
+    ta.check_nan_propagates_as_torch("cpu", "cpu", torch.float16)
+
+
 def test_emulated_dropout_matches_cpu_kernels(cuda_kernels_as_cpu):
     """The CUDA kernels draw the CPU kernels' dropout pattern: same seed, same output and
     gradients (up to rounding) as the C++ CPU kernels."""

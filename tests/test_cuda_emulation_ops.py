@@ -155,6 +155,19 @@ def test_norm_row_statistics(emulated, n, dtype, kind, poison):
     tn.check_row_statistics("cpu", "cpu", n, dtype, kind)
 
 
+@pytest.mark.parametrize("emulated,n", [
+    pytest.param("sm90", 768, id="sm90-768-rows_per_block"),
+    pytest.param("sm90", 1001, id="sm90-1001-generic"),
+    pytest.param("sm90", 40000, id="sm90-40000-cluster3_part_empty"),
+    pytest.param("sm80", 16384, id="sm80-16384-block_per_row"),
+], indirect=["emulated"])
+def test_norm_constant_rows(emulated, n, poison):
+    """A constant row normalizes to exactly 0 (each thread's mean is its first value plus the mean
+    of the differences, so equal parts merge exactly; the generic kernel shifts by s[0])."""
+    tn.check_constant_rows("cpu", "cpu", n, torch.float32)
+    tn.check_constant_rows("cpu", "cpu", n, torch.bfloat16)
+
+
 @pytest.mark.parametrize("variant", ["layer_norm", "add_rms_norm"])
 def test_norm_float32_params_with_half_input(emulated, variant, poison):
     """Mixed precision: float32 weight and bias (another W in the kernels' templates)."""

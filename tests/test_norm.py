@@ -184,6 +184,40 @@ def test_row_statistics_are_stable(device, backend, n, kind, poison):
         check_row_statistics(backend, device, n, torch.bfloat16, kind)
 
 
+def check_constant_rows(backend, device, n, dtype):
+    """Rows that hold one value each normalize to exactly 0 (the output is the bias), as in
+    torch, whose Welford mean of a constant row is exact, even with BERT's eps of 1e-12, where a
+    mean off by one rounding gives outputs of order 1; with a residual too. The gradient of x
+    (rstd = 1e6 there) against the float64 reference."""
+    rows = torch.tensor([3.7, -0.3, 1000.1, 0.0, 2.0 ** -20], dtype=torch.float64)
+    x = rows[:, None].expand(len(rows), n).to(device=device, dtype=dtype).contiguous()
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    res = torch.full_like(x, 0.5)
+    expected = b.expand_as(x)
+    assert torch.equal(torch.nn.functional.layer_norm(x, (n,), w, b, eps=1e-12), expected)  # torch's behaviour
+    xg = x.clone().requires_grad_()
+    g = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+    with llmfast.use_backend(backend):
+        y = LF.layer_norm(xg, (n,), w, b, eps=1e-12)
+        y_add, s = LF.add_layer_norm(x, res, (n,), w, b, eps=1e-12)
+        (dx,) = torch.autograd.grad(y, xg, g)
+    assert torch.equal(y, expected), f"{backend} layer_norm of constant rows of {n}: {(y - expected).abs().max()}"
+    assert torch.equal(y_add, expected), f"{backend} add_layer_norm of constant rows of {n}"
+    x64 = x.double().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(llmfast.reference.layer_norm(x64, (n,), w.double(), b.double(), eps=1e-12),
+                                    x64, g.double())
+    assert_grad_close(dx, dx_ref, dtype, f"{backend} layer_norm of constant rows of {n}, grad of x")
+
+
+@pytest.mark.parametrize("n", [1, 7, 768, 1001, 4096, 16384, 70000])
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_constant_rows_normalize_to_exactly_zero(device, backend, n, poison):
+    check_constant_rows(backend, device, n, torch.float32)
+    check_constant_rows(backend, device, n, torch.bfloat16)
+
+
 @pytest.mark.parametrize("n", [70000, 131072 + 3])
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_hidden_size_beyond_register_path(device, backend, n, poison):

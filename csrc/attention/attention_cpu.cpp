@@ -233,6 +233,11 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float*
       float mx = m[r];
       for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, srow[j]);
       if (mx == kNegInf) {  // nothing visible yet: this tile adds nothing to the row
+        // ... unless it holds NaN scores (std::max skips them): the row's result is NaN, as
+        // torch's (a NaN query or mask entry must not read as "fully masked").
+        for (int64_t j = 0; j < nj; ++j) {
+          if (std::isnan(srow[j])) l[r] = std::numeric_limits<float>::quiet_NaN();
+        }
         std::fill(srow, srow + nj, 0.f);
         continue;
       }
@@ -256,7 +261,7 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float*
   }
   for (int64_t r = 0; r < ni; ++r) {
     T* o = out + r * Dv;
-    if (l[r] > 0.f) {
+    if (l[r] != 0.f) {  // 0 only for a fully masked row; NaN (NaN or +inf scores) propagates
       const float inv = 1.f / l[r];
       for (int64_t e = 0; e < Dv; ++e) o[e] = static_cast<T>(acc[r * Dv + e] * inv);
       lse[r] = m[r] + std::log(l[r]);

@@ -438,12 +438,14 @@ __global__ void __launch_bounds__(Tiles<T, kD>::kM * 2)
       sum += __shfl_xor_sync(0xFFFFFFFFu, sum, 2);
       const int64_t i = row0 + mt * 16 + r * 8;
       if (i < p.Sq) {
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        // sum is 0 only for a fully masked row; NaN or +inf scores make it NaN, which must
+        // propagate to the output and lse as in torch (not read as "fully masked").
+        const float inv = sum != 0.f ? 1.f / sum : 0.f;
 #pragma unroll
         for (int n = 0; n < kD / 8; ++n) {
           store_pair(out + i * p.Dv, n * 8 + 2 * t, p.Dv, acc[mt][n][2 * r] * inv, acc[mt][n][2 * r + 1] * inv);
         }
-        if (t == 0) p.lse[bh * p.Sq + i] = sum > 0.f ? m[mt][r] + logf(sum) : -kInf;
+        if (t == 0) p.lse[bh * p.Sq + i] = sum != 0.f ? m[mt][r] + logf(sum) : -kInf;
       }
     }
   }

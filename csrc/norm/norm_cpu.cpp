@@ -273,7 +273,10 @@ C10_ALWAYS_INLINE void norm_fwd_rows_impl(const FwdArgs<T>& a, int64_t begin, in
     if (a.mean == nullptr) {
       var = lane_sum<kLanes>(N, [&](int64_t i) { return s[i] * s[i]; }) / n;
     } else {
-      mu = lane_sum<kLanes>(N, [&](int64_t i) { return s[i]; }) / n;
+      // The mean of s - s[0], plus s[0]: exact for a constant row (as torch's Welford mean), so
+      // such a row normalizes to exactly 0 even with a tiny eps (BERT's 1e-12).
+      const float shift = s[0];
+      mu = shift + lane_sum<kLanes>(N, [&](int64_t i) { return s[i] - shift; }) / n;
       var = lane_sum<kLanes>(N, [&](int64_t i) {
               const float d = s[i] - mu;
               return d * d;

@@ -347,24 +347,30 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdParam
       var = acc[0] * p.inv_cols;
     } else {
       // This thread's (count, mean, M2), two passes over its registers, then one merge over
-      // the row group (MergeMoments).
+      // the row group (MergeMoments). The thread's mean is taken as shift + mean(s - shift),
+      // shift = its first element: exact for a constant row (as torch's Welford mean), and
+      // parts with equal means merge exactly, so such a row normalizes to exactly 0 even with
+      // a tiny eps (BERT's 1e-12). Valid vectors come first (v grows with k).
+      const float shift = valid[0] ? s[0].get(0) : 0.0f;
       float m[3] = {0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int k = 0; k < VPT; ++k) {
-        if (valid[k]) m[0] += static_cast<float>(VEC);
+        if (valid[k]) {
+          m[0] += static_cast<float>(VEC);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) m[1] += s[k].get(e);
+          for (int e = 0; e < VEC; ++e) m[1] += s[k].get(e) - shift;
+        }
       }
       if (m[0] > 0.0f) {
         const float local_mu = m[1] / m[0];
-        m[1] = local_mu;
+        m[1] = shift + local_mu;
 #pragma unroll
         for (int k = 0; k < VPT; ++k) {
           s[k].launder(p.zero);
           if (valid[k]) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
-              const float d = s[k].get(e) - local_mu;
+              const float d = (s[k].get(e) - shift) - local_mu;
               m[2] += d * d;
             }
           }
@@ -422,6 +428,14 @@ __global__ void __launch_bounds__(kGenericThreads) norm_fwd_generic_kernel(const
     const int64_t off = row * cols;
     // With a residual, s is re-read from residual_out, written by this same thread.
     const T* s = res != nullptr ? res_out + off : x + off;
+    // LayerNorm sums s - s[0] (the row's first value, as every thread computes it): the mean
+    // s[0] + sum(s - s[0]) / cols is exact for a constant row, which then normalizes to 0.
+    float shift = 0.0f;
+    if (!p.rms) {
+      shift = res != nullptr
+                  ? static_cast<float>(static_cast<T>(static_cast<float>(x[off]) + static_cast<float>(res[off])))
+                  : static_cast<float>(x[off]);
+    }
     float acc[1] = {0.0f};
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
       float f;
@@ -433,7 +447,7 @@ __global__ void __launch_bounds__(kGenericThreads) norm_fwd_generic_kernel(const
       } else {
         f = static_cast<float>(x[off + j]);
       }
-      acc[0] += p.rms ? f * f : f;
+      acc[0] += p.rms ? f * f : f - shift;
     }
     row_group_sum(acc, scratch, parity, blockDim.x, 1);
     float mu = 0.0f;
@@ -441,7 +455,7 @@ __global__ void __launch_bounds__(kGenericThreads) norm_fwd_generic_kernel(const
     if (p.rms) {
       var = acc[0] * p.inv_cols;
     } else {
-      mu = acc[0] * p.inv_cols;
+      mu = shift + acc[0] * p.inv_cols;
       acc[0] = 0.0f;
       for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
         const float d = static_cast<float>(s[j]) - mu;

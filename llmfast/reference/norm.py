@@ -31,7 +31,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     acc = _acc_dtype(input.dtype)
     x = input.to(acc)
     dims = _dims(normalized_shape)
-    mean = x.mean(dim=dims, keepdim=True)
+    # The mean of x - x[first], plus x[first]: exact for a constant row (torch's Welford mean is
+    # too), so such a row normalizes to exactly 0 even with a tiny eps (BERT's 1e-12).
+    shift = x[(Ellipsis,) + (slice(0, 1),) * len(dims)]
+    mean = shift + (x - shift).mean(dim=dims, keepdim=True)
     var = (x - mean).square().mean(dim=dims, keepdim=True)
     y = (x - mean) * torch.rsqrt(var + eps)
     if weight is not None:

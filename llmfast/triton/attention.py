@@ -122,8 +122,9 @@ def _scores(qk, qi, kj, mask_base, stride_mm, stride_mn, Sq, Sk, qk_scale, cap_s
         else:
             bias = tl.load(mptr, mask=mok, other=0.0).to(tl.float32)
             # A large finite mask value (finfo(float32).min, as Hugging Face pads) must stay finite in
-            # log2 units: a row masked only by it averages its keys, as in torch, not zeros.
-            bias = tl.where(bias == float("-inf"), bias, tl.maximum(bias, -2.0e38))
+            # log2 units: a row masked only by it averages its keys, as in torch, not zeros. (A
+            # NaN entry stays NaN, as in torch: tl.maximum would drop it.)
+            bias = tl.where((bias < -2.0e38) & (bias != float("-inf")), -2.0e38, bias)
             s = s + bias * 1.4426950408889634
     if BAND:
         ok = kj < Sk

@@ -5,6 +5,7 @@ Python functions; llmfast/ops/norm.py wraps them as custom ops.
 
 Forward: s = input (+ residual, summed in fp32 and rounded to the input dtype);
   LayerNorm  y = (s - mean) * rstd * w + b,  mean = sum(s)/N, rstd = 1/sqrt(sum((s-mean)^2)/N + eps)
+             (the mean taken as s[0] + sum(s - s[0])/N: exact for a constant row)
   RMSNorm    y = s * rstd * w (+ b),          rstd = 1/sqrt(sum(s^2)/N + eps)
 Backward, with xhat = (s - mean) * rstd (RMSNorm: s * rstd) and g = dy * w:
   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))   (RMSNorm drops the mean(g) term)
@@ -168,6 +169,16 @@ def _bwd_config(n: int, n_acc: int, on_gpu: bool = True) -> _BwdConfig:
 # --------------------------------------------------------------------------------------------
 # Forward, rows in registers. Traffic: reads x (and residual) once, writes y (and s) once;
 # w and b are read once per program (cached). Grid: cdiv(M, ROWS).
+@triton.jit
+def _first_of_rows(X, RES, row_offsets, row_mask, HAS_RES: tl.constexpr, s_dtype: tl.constexpr):
+    """The normalized value s of each row's first element, in fp32 (x, or x + residual rounded to
+    s_dtype as the kernels round it); a load of a line the row's own loads bring in anyway."""
+    first = tl.load(X + row_offsets, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        first = (first + tl.load(RES + row_offsets, mask=row_mask, other=0.0).to(tl.float32)).to(s_dtype)
+    return first.to(tl.float32)
+
+
 @fast_jit
 @triton.jit
 def _norm_fwd_kernel(
@@ -207,7 +218,10 @@ def _norm_fwd_kernel(
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
         xhat = x * rstd[:, None]
     else:
-        mean = tl.sum(x, axis=1) / N
+        # mean = s[first] + mean(s - s[first]): exact for a constant row (as torch's Welford
+        # mean), which then normalizes to exactly 0 even with a tiny eps (BERT's 1e-12).
+        first = _first_of_rows(X, RES, rows64 * N, row_mask[:, None], HAS_RES, S.dtype.element_ty)
+        mean = tl.sum(tl.where(mask, x - first, 0.0), axis=1) / N + tl.sum(first, axis=1)
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
         tl.store(MEAN + rows, mean, mask=row_mask)
@@ -251,9 +265,11 @@ def _norm_fwd_looped_kernel(
         s_row = S + row64 * N
 
         sq_acc = tl.zeros([CHUNK], dtype=tl.float32)  # RMSNorm: running sum of s^2 per lane
-        count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), axis=0)  # LayerNorm: Chan state
-        mean = count
+        count = tl.sum(tl.zeros([CHUNK], dtype=tl.float32), axis=0)  # LayerNorm: Chan state of
+        mean = count  # s - first (exact for a constant row, as in _norm_fwd_kernel)
         m2 = count
+        if not RMS:
+            first = _first_of_rows(X, RES, row64 * N, row64 < M, HAS_RES, S.dtype.element_ty)
         for start in range(0, N, CHUNK):
             cols = start + offs
             mask = cols < N
@@ -267,8 +283,8 @@ def _norm_fwd_looped_kernel(
                 sq_acc += x * x
             else:
                 n_chunk = tl.minimum(N - start, CHUNK).to(tl.float32)
-                mean_chunk = tl.sum(x, axis=0) / n_chunk
-                d = tl.where(mask, x - mean_chunk, 0.0)
+                mean_chunk = tl.sum(tl.where(mask, x - first, 0.0), axis=0) / n_chunk
+                d = tl.where(mask, x - first - mean_chunk, 0.0)
                 m2_chunk = tl.sum(d * d, axis=0)
                 n_new = count + n_chunk
                 delta = mean_chunk - mean
@@ -279,6 +295,7 @@ def _norm_fwd_looped_kernel(
         if RMS:
             rstd = tl.rsqrt(tl.sum(sq_acc, axis=0) / N + eps)
         else:
+            mean = first + mean
             rstd = tl.rsqrt(m2 / N + eps)
             tl.store(MEAN + row64, mean)
         tl.store(RSTD + row64, rstd)
