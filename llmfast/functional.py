@@ -689,6 +689,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if not ok:
             raise LlmfastValueError(f"{fn}: attn_mask must be broadcastable to {target} (..., Hq, Sq, Sk), got "
                                     f"shape {tuple(attn_mask.shape)}")
+        if attn_mask.dtype in (torch.float16, torch.bfloat16) and attn_mask.requires_grad and torch.is_grad_enabled():
+            # The kernels write the mask's gradient at full (B, Hq, Sq, Sk) size in the mask's
+            # dtype, which autograd then sums down to the mask's shape: in 16 bits every term
+            # would be rounded first. An fp32 copy of the (small, unexpanded) mask keeps the sum
+            # in fp32; the same values in the forward, one rounding at the end in the backward.
+            attn_mask = attn_mask.float()
     dropout_p = _number(fn, "dropout_p", dropout_p, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     if dropout_p == 1.0:  # everything dropped: zeros (and zero gradients), as torch gives
         result = scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa,

@@ -346,6 +346,31 @@ def test_nan_propagates_as_torch(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_low_precision_broadcast_mask_gradient_sums_in_fp32(device, backend):
+    """A bf16 additive key-padding mask (1, 1, 1, Sk) that requires grad: its gradient sums
+    B * H * Sq terms a key; rounded to bf16 term by term (before autograd's sum) it was 2.75x
+    further from the float64 truth than torch's. Judged as the FlashAttention rule."""
+    interpreted = device == "cpu" and backend == "triton"  # (the interpreter's bf16 dots are wrong)
+    dtype = torch.float16 if interpreted else torch.bfloat16
+    torch.manual_seed(13)
+    B, H, Sq, Sk, D = 4, 4, 16, 256, 32
+    q, k, v = (torch.randn(B, H, s, D, device=device).to(dtype) for s in (Sq, Sk, Sk))
+    mask = torch.randn(1, 1, 1, Sk, device=device).to(dtype)
+    g = torch.randn(B, H, Sq, D, device=device).to(dtype)
+
+    def mask_grad(fn, cast):
+        m = mask.detach().to(cast).requires_grad_()
+        out = fn(*(t.to(cast) for t in (q, k, v)), attn_mask=m)
+        return torch.autograd.grad(out, m, g.to(cast))[0].double()
+
+    truth = mask_grad(torch.nn.functional.scaled_dot_product_attention, torch.float64)
+    torch_err = (mask_grad(torch.nn.functional.scaled_dot_product_attention, dtype) - truth).abs().max()
+    with llmfast.use_backend(backend):
+        ours = mask_grad(LF.scaled_dot_product_attention, dtype)
+    assert (ours - truth).abs().max() <= 2 * torch_err + 1e-4 * truth.abs().max(), ((ours - truth).abs().max(), torch_err)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 def test_other_ranks_and_empty(device, backend):
     """(Hq, S, D) 3-D and (B, T, H, S, D) 5-D inputs; empty batch, Sq = 0 and Sk = 0."""
     torch.manual_seed(7)
