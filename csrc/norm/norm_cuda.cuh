@@ -11,9 +11,9 @@
 // of the group, then -- when one row is split over a thread-block cluster (Hopper) -- distributed
 // shared memory across the blocks of the cluster. Backward runs a persistent grid: every thread
 // owns the same columns in every row it visits and adds dy * xhat and dy into fp32 accumulators
-// in shared memory; at the
-// end each cluster writes one fp32 partial row of dW and dB to a workspace, and a small kernel
-// sums the partials in a fixed order (deterministic for a given device and shape). When a row
+// in shared memory; at the end each cluster writes one fp32 partial row of dW and dB to a
+// workspace, and a small kernel sums the partials in a fixed order (deterministic for a given
+// device and shape). When a row
 // spans a cluster (1-2 rows in flight per SM), backward also has L2 fetch the next row (sm_90
 // bulk prefetch) while the current one is reduced: +5-10% there, a loss for shorter rows.
 //
@@ -428,25 +428,19 @@ __global__ void __launch_bounds__(kGenericThreads) norm_fwd_generic_kernel(const
     const int64_t off = row * cols;
     // With a residual, s is re-read from residual_out, written by this same thread.
     const T* s = res != nullptr ? res_out + off : x + off;
-    // LayerNorm sums s - s[0] (the row's first value, as every thread computes it): the mean
-    // s[0] + sum(s - s[0]) / cols is exact for a constant row, which then normalizes to 0.
-    float shift = 0.0f;
-    if (!p.rms) {
-      shift = res != nullptr
-                  ? static_cast<float>(static_cast<T>(static_cast<float>(x[off]) + static_cast<float>(res[off])))
-                  : static_cast<float>(x[off]);
-    }
+    // s[j]: x, or x + residual rounded to T.
+    auto s_at = [&](int64_t j) -> T {
+      return res != nullptr ? static_cast<T>(static_cast<float>(x[off + j]) + static_cast<float>(res[off + j]))
+                            : x[off + j];
+    };
+    // LayerNorm sums s - s[0] (every thread computes s[0]): the mean s[0] + sum(s - s[0]) / cols
+    // is exact for a constant row, which then normalizes to 0.
+    const float shift = p.rms ? 0.0f : static_cast<float>(s_at(0));
     float acc[1] = {0.0f};
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-      float f;
-      if (res != nullptr) {
-        const T v =
-            static_cast<T>(static_cast<float>(x[off + j]) + static_cast<float>(res[off + j]));
-        res_out[off + j] = v;
-        f = static_cast<float>(v);
-      } else {
-        f = static_cast<float>(x[off + j]);
-      }
+      const T v = s_at(j);
+      if (res != nullptr) res_out[off + j] = v;
+      const float f = static_cast<float>(v);
       acc[0] += p.rms ? f * f : f - shift;
     }
     row_group_sum(acc, scratch, parity, blockDim.x, 1);

@@ -804,8 +804,9 @@ def _check_qkv(op, query, key, value):
 def _head_dim_offsets_fit(*tensors):
     """Tensors whose head-dim offsets (offs_d * stride, int32 in the kernels) fit in 32 bits;
     a tensor whose last-dimension stride times its size does not (the head dim laid out
-    outermost in a huge tensor) is copied contiguous. Costs an attribute read per tensor."""
-    return tuple(t.contiguous() if t.dim() and t.stride(-1) * t.shape[-1] >= 2 ** 31 else t for t in tensors)
+    outermost in a huge tensor) is copied contiguous. A unit stride (the usual case) fits."""
+    return tuple(t.contiguous() if t.stride(-1) != 1 and t.stride(-1) * t.shape[-1] >= 2 ** 31 else t
+                 for t in tensors)
 
 
 def _dims(query, key, value):

@@ -220,8 +220,8 @@ def _norm_fwd_kernel(
     else:
         # mean = s[first] + mean(s - s[first]): exact for a constant row (as torch's Welford
         # mean), which then normalizes to exactly 0 even with a tiny eps (BERT's 1e-12).
-        first = _first_of_rows(X, RES, rows64 * N, row_mask[:, None], HAS_RES, S.dtype.element_ty)
-        mean = tl.sum(tl.where(mask, x - first, 0.0), axis=1) / N + tl.sum(first, axis=1)
+        first = _first_of_rows(X, RES, rows.to(tl.int64) * N, row_mask, HAS_RES, S.dtype.element_ty)
+        mean = tl.sum(tl.where(mask, x - first[:, None], 0.0), axis=1) / N + first
         xc = tl.where(mask, x - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / N + eps)
         tl.store(MEAN + rows, mean, mask=row_mask)
