@@ -562,6 +562,65 @@ def test_cpu_kernels_are_deterministic_and_threaded_alike():
         assert torch.equal(a, b)
 
 
+def _cpu_attention_run(config, dtype):
+    """Output, lse and gradients of one cpu-backend attention call (config: causal, mask kind,
+    window, softcap, dropout_p, query heads per kv head)."""
+    causal, mask_kind, window, softcap, dropout_p, group = config
+    torch.manual_seed(zlib.crc32(repr((config, str(dtype))).encode()))
+    B, Hkv, Sq, Sk, D = 2, 2, 150, 170, 40
+    q = torch.randn(B, Hkv * group, Sq, D).to(dtype).requires_grad_()
+    k, v = (torch.randn(B, Hkv, Sk, D).to(dtype).requires_grad_() for _ in range(2))
+    mask = None
+    if mask_kind == "additive":
+        mask = torch.randn(Sq, Sk).to(dtype).requires_grad_()
+    elif mask_kind == "key_padding":
+        mask = torch.rand(B, 1, 1, Sk) > 0.3
+    torch.manual_seed(5)
+    with llmfast.use_backend("cpu"):
+        out, lse = LF.scaled_dot_product_attention(q, k, v, mask, dropout_p=dropout_p, is_causal=causal,
+                                                   enable_gqa=group > 1, window_size=window,
+                                                   softcap=softcap, return_lse=True)
+    wrt = [q, k, v] + ([mask] if mask_kind == "additive" else [])
+    gout = torch.randn(out.shape).to(dtype)
+    return (out, lse, *torch.autograd.grad(out, wrt, gout))
+
+
+CPU_PLAN_CONFIGS = [
+    (False, None, None, None, 0.0, 1),
+    (True, None, None, None, 0.0, 3),
+    (False, "additive", None, None, 0.0, 2),
+    (True, "key_padding", (30, 10), None, 0.2, 1),
+    (False, None, (40, -1), 4.0, 0.0, 2),
+]
+
+
+@pytest.mark.skipif("cpu" not in llmfast.available_backends(), reason="llmfast._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS)
+@pytest.mark.parametrize("config", CPU_PLAN_CONFIGS, ids=range(len(CPU_PLAN_CONFIGS)))
+def test_cpu_plans_and_tiles_give_bitwise_the_same_results(config, dtype, monkeypatch):
+    """The cpu kernels choose their plan from the thread count and the problem: tasks per
+    (batch, kv head) (the backward in a single pass) or per tile (the backward in two passes),
+    and 64 or 128 queries a forward tile. So that results do not depend on the machine, every
+    choice gives the same bits (the results themselves are checked against the reference by
+    test_matches_reference)."""
+    monkeypatch.setenv("LLMFAST_ATTENTION_CPU_TASKS", "head")
+    monkeypatch.setenv("LLMFAST_ATTENTION_CPU_BLOCK_M", "64")
+    first = _cpu_attention_run(config, dtype)
+    for plan, block_m in (("tile", "128"), ("head", "100"), ("tile", "64")):
+        monkeypatch.setenv("LLMFAST_ATTENTION_CPU_TASKS", plan)
+        monkeypatch.setenv("LLMFAST_ATTENTION_CPU_BLOCK_M", block_m)
+        for what, a, b in zip(("out", "lse", "dq", "dk", "dv", "dmask"), _cpu_attention_run(config, dtype), first):
+            assert torch.equal(a, b), f"{what} differs with plan={plan}, block_m={block_m}"
+
+
+@pytest.mark.skipif("cpu" not in llmfast.available_backends(), reason="llmfast._C is not built")
+def test_cpu_forward_block_override_is_checked(monkeypatch):
+    monkeypatch.setenv("LLMFAST_ATTENTION_CPU_BLOCK_M", "0")
+    q = torch.randn(1, 1, 4, 8)
+    with llmfast.use_backend("cpu"), pytest.raises(RuntimeError, match="LLMFAST_ATTENTION_CPU_BLOCK_M"):
+        LF.scaled_dot_product_attention(q, q, q)
+
+
 # --- torch.library: opcheck and torch.compile ---------------------------------------------------
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 def test_opcheck(device, backend):

@@ -2,30 +2,40 @@
 // CPU, never materialising the (Sq, Sk) score matrix. The contract is in attention_ops.cpp; the
 // math is llmfast/reference/attention.py.
 //
-// Forward: one task per (batch, query head, block of kBlockM queries). The query tile is widened
-// to fp32 once; key/value tiles of kBlockN keys stream past (widened to fp32 per tile; the
-// tile products go through ATen's fp32 brgemm micro-kernel, or vectorizable loops where this
-// torch build has none), with the online softmax
+// Forward: the query tile (64 or 128 queries) is widened to fp32 once; key/value tiles of
+// kBlockN keys stream past (the tile products go through ATen's fp32 brgemm micro-kernel, or
+// vectorizable loops where this torch build has none), with the online softmax
 //     s = softcap(scale q k^T) (+ mask), m_new = max(m, rowmax s), p = exp(s - m_new)
 //     l = l exp(m - m_new) + rowsum p,   acc = acc exp(m - m_new) + dropout(p) v
 // and out = acc / l, lse = m + log l (fp32). Rows with no visible key keep l = 0: out = 0 and
-// lse = -inf. Key tiles entirely outside the causal band / window are skipped.
-// Backward (FlashAttention-2 partitioning, no atomics, deterministic): delta = rowsum(dO O) -
-// dlse first, then P = exp(s - lse) is recomputed twice: by tasks that own kBlockN keys of one
-// (batch, kv head) and loop over the query tiles of every query head of its group (dK, dV,
-// GQA summed in the task), and by tasks that own kBlockM queries of one (batch, query head)
-// (dQ, and the mask gradient when an additive mask asks for one: the only case that writes a
-// (B, Hq, Sq, Sk) tensor):
+// lse = -inf. Key tiles entirely outside the causal band / window are skipped. The row loops
+// (max, exp and sum, rescaling) are compiled for AVX2 too, with a polynomial exp
+// (cpu_utils.h: exp_nonpositive), not libm's scalar one. Tasks (use_head_tasks): one per
+// (batch, kv head) when there are enough of those for the threads (its K and V widened
+// and transposed once, then every query tile of its query heads), else one per (batch, query
+// head, query tile) (K and V widened per tile).
+// Backward (no atomics, deterministic): delta = rowsum(dO O) - dlse first, then for every
+// visible (query tile, key tile) P = exp(s - lse) is recomputed and
 //     dV += P^T dO;  dP = dO V^T;  dS = P (dP - delta);  dK += scale dS^T Q;  dQ += scale dS K
 // (times 1 - tanh^2 under softcap; with dropout P and dP of kept entries are scaled by
-// 1 / (1 - dropout_p), dropped ones are zero). Dropout draws a counter-based hash of (seed,
-// batch, head, query, key), so the backward redraws the forward's pattern without storing it.
+// 1 / (1 - dropout_p), dropped ones are zero). Two plans (use_head_tasks), bitwise equal:
+// - single pass, when there are enough (batch, kv head) pairs for the threads: one task per
+//   pair computes P and dS of each tile once, completes dQ per query tile and accumulates
+//   dK, dV over the whole key sequence in fp32 (2 products per tile fewer than below);
+// - two passes (FlashAttention-2's partitioning, for few heads on many threads): tasks that own
+//   kBlockN keys of one (batch, kv head) loop over the query tiles of every query head of its
+//   group (dK, dV, GQA summed in the task), then tasks that own kBlockM queries (dQ).
+// The mask gradient, when an additive mask asks for one, is dS itself: the only case that
+// writes a (B, Hq, Sq, Sk) tensor. Dropout draws a counter-based hash of (seed, batch, head,
+// query, key), so the backward redraws the forward's pattern without storing it.
 //
-// Memory traffic: the forward reads Q once and K, V once per query tile, writes O and lse once;
-// the backward reads K, V once per query tile per pass and Q, dO once per key tile, writes dQ,
-// dK, dV once. A mask is read once per visited tile element (any strides, so a key-padding
-// mask (B, 1, 1, Sk) expanded to (B, Hq, Sq, Sk) costs no copy). Offsets are 64-bit. Working
-// memory per task is a few tiles of fp32 (tens of KB at D = 128).
+// Memory traffic: the forward reads Q once and K, V once per task, writes O and lse once;
+// the backward reads K, V once per task (single pass) or once per query tile per pass, and Q,
+// dO once per key tile (two passes), writes dQ, dK, dV once. A mask is read once per visited
+// tile element (any strides, so a key-padding mask (B, 1, 1, Sk) expanded to (B, Hq, Sq, Sk)
+// costs no copy). Offsets are 64-bit. Working memory per task is a few tiles of fp32 (tens of
+// KB at D = 128), plus, in per-head tasks, fp32 copies of one head's K and V and its dK, dV
+// accumulators (at most 64 MiB, else the per-tile tasks run).
 //
 // Build note: at::parallel_for runs on several threads only with -fopenmp (see setup.py).
 #include <ATen/ATen.h>
@@ -46,13 +56,50 @@
 
 #include "attention/attention_problem.h"
 #include "common/checks.h"
+#include "common/cpu_utils.h"
 
 namespace llmfast {
+namespace cpu_simd {
+
+// The per-element loops of the tiles, compiled for AVX2 and the baseline (cpu_utils.h).
+
+// max(init, max_j s[j]); NaNs are skipped (as std::max(acc, s[j]) skips them).
+LLMFAST_SIMD_CLONES float attn_row_max(const float* s, int64_t n, float init) {
+  return lane_max<16>(n, [&](int64_t j) { return s[j]; }, init);
+}
+
+// s[j] = exp(s[j] - m) in place, for m >= every s[j]; returns sum_j s[j].
+LLMFAST_SIMD_CLONES float attn_exp_sum(float* s, int64_t n, float m) {
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_nonpositive(s[j] - m);
+  return lane_sum<16>(n, [&](int64_t j) { return s[j]; });
+}
+
+// a[j] *= c.
+LLMFAST_SIMD_CLONES void attn_scale(float* a, int64_t n, float c) {
+  for (int64_t j = 0; j < n; ++j) a[j] *= c;
+}
+
+// One row of the backward's tile without dropout or softcap: p = exp(s - lse) (pd = p),
+// ds = p (dp - delta) written over dp, dsr = scale ds.
+LLMFAST_SIMD_CLONES void attn_grad_row(const float* s, float* ds, float* pd, float* dsr,
+                                       int64_t n, float lse, float delta, float scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = exp_nonpositive(s[j] - lse);  // 0 where s = -inf
+    const float g = pj * (ds[j] - delta);
+    pd[j] = pj;
+    ds[j] = g;
+    dsr[j] = g * scale;
+  }
+}
+
+}  // namespace cpu_simd
+
 namespace {
 
 constexpr const char* kFwd = "llmfast::attention_fwd";
 constexpr const char* kBwd = "llmfast::attention_bwd";
-constexpr int64_t kBlockM = 64;  // queries per tile
+constexpr int64_t kBlockM = 64;  // queries per tile (backward; the forward's least)
+constexpr int64_t kMaxBlockMFwd = 128;  // queries per forward tile, at most
 constexpr int64_t kBlockN = 64;  // keys per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -170,12 +217,9 @@ void apply_mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j
   }
 }
 
-// Scores of query rows [i0, i0 + ni) (fp32 tile qf, ld D) against keys [j0, j0 + nj) (kt: the
-// transposed key tile, ld kBlockN): s (ld kBlockN) = mask(softcap(scale q k^T)); th (if not
-// null) gets tanh(scale q k^T / softcap) for the softcap backward.
-void score_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0,
-                int64_t nj, const float* qf, const float* kt, float* s, float* th) {
-  gemm(ni, nj, p.D, qf, p.D, kt, kBlockN, s, kBlockN, false);
+// The scores' scale (or softcap), mask and band, in place on a tile's raw products q k^T.
+void finish_scores(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0,
+                   int64_t nj, float* s, float* th) {
   for (int64_t r = 0; r < ni; ++r) {
     float* srow = s + r * kBlockN;
     if (p.softcap > 0.f) {
@@ -186,32 +230,134 @@ void score_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, 
         srow[j] = p.softcap * t;
       }
     } else {
-      for (int64_t j = 0; j < nj; ++j) srow[j] *= p.scale;
+      cpu_simd::attn_scale(srow, nj, p.scale);
     }
     const int64_t i = i0 + r;
     if (p.mask != nullptr) apply_mask_row(p, b, h, i, j0, nj, srow);
     if (p.left >= 0 || p.right >= 0) {
-      for (int64_t j = 0; j < nj; ++j) {
-        if (!p.in_band(i, j0 + j)) srow[j] = kNegInf;
-      }
+      // the row's band is the keys [i - left, i + right]: hide the tile's columns outside it
+      const int64_t lo = p.left >= 0 ? std::clamp<int64_t>(i - p.left - j0, 0, nj) : 0;
+      const int64_t hi = p.right >= 0 ? std::clamp<int64_t>(i + p.right + 1 - j0, 0, nj) : nj;
+      std::fill(srow, srow + lo, kNegInf);
+      std::fill(srow + std::max(lo, hi), srow + nj, kNegInf);
     }
   }
 }
 
-// --- forward ---------------------------------------------------------------------------------
+// Scores of query rows [i0, i0 + ni) (fp32 tile qf, ld D) against keys [j0, j0 + nj) (kt: the
+// transposed key tile, ld kBlockN): s (ld kBlockN) = mask(softcap(scale q k^T)); th (if not
+// null) gets tanh(scale q k^T / softcap) for the softcap backward.
+void score_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0,
+                int64_t nj, const float* qf, const float* kt, float* s, float* th) {
+  gemm(ni, nj, p.D, qf, p.D, kt, kBlockN, s, kBlockN, false);
+  finish_scores(p, b, h, i0, ni, j0, nj, s, th);
+}
+
+// --- per-head tasks ----------------------------------------------------------------------------
+// When there are enough (batch, kv head) pairs for the threads, the forward and backward run
+// one task per pair, which widens (and transposes) that head's K and V once instead of
+// once per query tile. The tile products are the same either way, so are the results, bit for
+// bit. LLMFAST_ATTENTION_CPU_TASKS=head / tile forces one plan (tests of both).
+constexpr int64_t kMaxHeadTaskBytes = int64_t{64} << 20;
+
+// fp32 floats of one head's packed K and V (pack_head) and of its dK, dV accumulators.
+int64_t head_task_floats(const Problem& p) {
+  return cdiv(p.Sk, kBlockN) * kBlockN * (p.D + p.Dv) + p.Sk * (2 * p.D + 2 * p.Dv);
+}
+
+// Per-head tasks when they keep the threads at least 3/4 busy (their backward does about 30%
+// less work than the per-tile plan's) and their working memory is small.
+bool use_head_tasks(const Problem& p) {
+  const char* env = std::getenv("LLMFAST_ATTENTION_CPU_TASKS");
+  if (env != nullptr && std::strcmp(env, "head") == 0) return true;
+  if (env != nullptr && std::strcmp(env, "tile") == 0) return false;
+  const int64_t tasks = p.B * p.Hkv, threads = at::get_num_threads();
+  const int64_t rounds = cdiv(tasks, threads);
+  return tasks >= threads && 4 * tasks >= 3 * rounds * threads &&
+         4 * head_task_floats(p) <= kMaxHeadTaskBytes;
+}
+
+// Widens the K and V of (batch b, kv head hk) into `buf`, in the layouts asked for (a null
+// output pointer: not wanted): kt_all, nkb tiles of D x kBlockN (K^T, the score products' right
+// operand); vf_all, Sk x Dv (V rows); vt_all, nkb tiles of Dv x kBlockN (V^T); kf_all, Sk x D.
 template <typename T>
-void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float* lse,
-              std::vector<float>& buf) {
+void pack_head(const Problem& p, int64_t b, int64_t hk, std::vector<float>& buf, float** kt_all,
+               float** vf_all, float** vt_all, float** kf_all) {
+  const int64_t D = p.D, Dv = p.Dv, Sk = p.Sk, nkb = cdiv(Sk, kBlockN);
+  const int64_t tiled = nkb * kBlockN;
+  buf.resize((kt_all ? tiled * D : 0) + (vf_all ? Sk * Dv : 0) + (vt_all ? tiled * Dv : 0) +
+             (kf_all ? Sk * D : 0));
+  float* x = buf.data();
+  const T* kbase = static_cast<const T*>(p.k) + b * p.ks[0] + hk * p.ks[1];
+  const T* vbase = static_cast<const T*>(p.v) + b * p.vs[0] + hk * p.vs[1];
+  if (kt_all != nullptr) {
+    *kt_all = x;
+    x += tiled * D;
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * kBlockN, nj = std::min(kBlockN, Sk - j0);
+      load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, *kt_all + kb * D * kBlockN,
+                      kBlockN);
+    }
+  }
+  if (vf_all != nullptr) {
+    *vf_all = x;
+    x += Sk * Dv;
+    load_rows(vbase, p.vs[2], p.vs[3], Sk, Dv, *vf_all, Dv);
+  }
+  if (vt_all != nullptr) {
+    *vt_all = x;
+    x += tiled * Dv;
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const int64_t j0 = kb * kBlockN, nj = std::min(kBlockN, Sk - j0);
+      load_transposed(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, *vt_all + kb * Dv * kBlockN,
+                      kBlockN);
+    }
+  }
+  if (kf_all != nullptr) {
+    *kf_all = x;
+    load_rows(kbase, p.ks[2], p.ks[3], Sk, D, *kf_all, D);
+  }
+}
+
+// --- forward ---------------------------------------------------------------------------------
+// Queries per forward tile: in per-tile tasks a key tile is widened and transposed once per
+// query tile, so taller query tiles cost less of that per product (128 rows: 5-10% faster than
+// 64 on this project's CPU; 256 slower under a causal mask), as long as there are tasks for
+// every thread. The
+// choice does not change a bit of the result: a row's keys are visited in the same tiles, and
+// tiles outside its band add exact zeros. LLMFAST_ATTENTION_CPU_BLOCK_M (1 to 1024) forces it,
+// for the tests that check this.
+int64_t forward_block_m(const Problem& p) {
+  if (const char* env = std::getenv("LLMFAST_ATTENTION_CPU_BLOCK_M")) {
+    const int64_t forced = std::atoll(env);
+    TORCH_CHECK(forced >= 1 && forced <= 1024,
+                "llmfast: LLMFAST_ATTENTION_CPU_BLOCK_M must be 1 to 1024, got '", env, "'");
+    return forced;
+  }
+  const int64_t threads = at::get_num_threads();
+  int64_t bm = kMaxBlockMFwd;
+  while (bm > kBlockM && p.B * p.Hq * cdiv(p.Sq, bm) < 4 * threads) bm /= 2;
+  return bm;
+}
+
+// Working memory of a forward task, in floats.
+int64_t forward_buffer_size(const Problem& p, int64_t bm) {
+  return bm * p.D + p.D * kBlockN + kBlockN * p.Dv + bm * kBlockN + bm * p.Dv + 2 * bm;
+}
+
+template <typename T>
+void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t bm, T* out, float* lse,
+              std::vector<float>& buf, const float* kt_all, const float* vf_all) {
   const int64_t D = p.D, Dv = p.Dv;
-  const int64_t i0 = qb * kBlockM, ni = std::min(kBlockM, p.Sq - i0);
+  const int64_t i0 = qb * bm, ni = std::min(bm, p.Sq - i0);
   const int64_t hk = h / p.G;
-  float* qf = buf.data();                // kBlockM x D
-  float* kt = qf + kBlockM * D;          // D x kBlockN
+  float* qf = buf.data();                // bm x D
+  float* kt = qf + bm * D;               // D x kBlockN
   float* vf = kt + D * kBlockN;          // kBlockN x Dv
-  float* s = vf + kBlockN * Dv;          // kBlockM x kBlockN
-  float* acc = s + kBlockM * kBlockN;    // kBlockM x Dv
-  float* m = acc + kBlockM * Dv;         // kBlockM
-  float* l = m + kBlockM;                // kBlockM
+  float* s = vf + kBlockN * Dv;          // bm x kBlockN
+  float* acc = s + bm * kBlockN;         // bm x Dv
+  float* m = acc + bm * Dv;              // bm
+  float* l = m + bm;                     // bm
 
   const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
   load_rows(qp, p.qs[2], p.qs[3], ni, D, qf, D);
@@ -225,13 +371,19 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float*
   const T* vbase = static_cast<const T*>(p.v) + b * p.vs[0] + hk * p.vs[1];
   for (int64_t j0 = (jlo / kBlockN) * kBlockN; j0 < jhi; j0 += kBlockN) {
     const int64_t nj = std::min(kBlockN, p.Sk - j0);
-    load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, kt, kBlockN);
-    load_rows(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, vf, Dv);
-    score_tile(p, b, h, i0, ni, j0, nj, qf, kt, s, nullptr);
+    const float* ktile = kt;
+    const float* vtile = vf;
+    if (kt_all != nullptr) {  // the head's K^T tiles and V rows, widened once by the task
+      ktile = kt_all + (j0 / kBlockN) * D * kBlockN;
+      vtile = vf_all + j0 * Dv;
+    } else {
+      load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, kt, kBlockN);
+      load_rows(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, vf, Dv);
+    }
+    score_tile(p, b, h, i0, ni, j0, nj, qf, ktile, s, nullptr);
     for (int64_t r = 0; r < ni; ++r) {
       float* srow = s + r * kBlockN;
-      float mx = m[r];
-      for (int64_t j = 0; j < nj; ++j) mx = std::max(mx, srow[j]);
+      const float mx = cpu_simd::attn_row_max(srow, nj, m[r]);
       if (mx == kNegInf) {  // nothing visible yet: this tile adds nothing to the row
         // ... unless it holds NaN scores (std::max skips them): the row's result is NaN, as
         // torch's (a NaN query or mask entry must not read as "fully masked").
@@ -242,22 +394,17 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, T* out, float*
         continue;
       }
       const float alpha = std::exp(m[r] - mx);  // 0 when m was -inf
-      float sum = 0.f;
-      for (int64_t j = 0; j < nj; ++j) {
-        srow[j] = std::exp(srow[j] - mx);
-        sum += srow[j];
-      }
+      const float sum = cpu_simd::attn_exp_sum(srow, nj, mx);
       l[r] = l[r] * alpha + sum;  // the softmax denominator counts dropped entries too
       m[r] = mx;
-      float* a = acc + r * Dv;
-      for (int64_t e = 0; e < Dv; ++e) a[e] *= alpha;
+      if (alpha != 1.f) cpu_simd::attn_scale(acc + r * Dv, Dv, alpha);
       if (p.dropout_p > 0.f) {
         for (int64_t j = 0; j < nj; ++j) {
           srow[j] = p.keep(b, h, i0 + r, j0 + j) ? srow[j] * p.keep_scale : 0.f;
         }
       }
     }
-    gemm(ni, Dv, nj, s, kBlockN, vf, Dv, acc, Dv, true);  // acc += dropout(p) v
+    gemm(ni, Dv, nj, s, kBlockN, vtile, Dv, acc, Dv, true);  // acc += dropout(p) v
   }
   for (int64_t r = 0; r < ni; ++r) {
     T* o = out + r * Dv;
@@ -282,19 +429,41 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.Dv}, query.options());
   at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, query.options().dtype(at::kFloat));
   if (p.B * p.Hq * p.Sq == 0) return {out, lse};
-  const int64_t nqb = cdiv(p.Sq, kBlockM);
+  const int64_t bm = forward_block_m(p);
+  const int64_t nqb = cdiv(p.Sq, bm);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "attention_fwd_cpu",
                                   [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     float* ls = lse.mutable_data_ptr<float>();
+    if (use_head_tasks(p)) {
+      at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(forward_buffer_size(p, bm));
+        std::vector<float> kv;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / p.Hkv, hk = t % p.Hkv;
+          float* kt_all = nullptr;
+          float* vf_all = nullptr;
+          pack_head<scalar_t>(p, b, hk, kv, &kt_all, &vf_all, nullptr, nullptr);
+          for (int64_t g = 0; g < p.G; ++g) {
+            const int64_t bh = b * p.Hq + hk * p.G + g;
+            for (int64_t qb = 0; qb < nqb; ++qb) {
+              const int64_t row = bh * p.Sq + qb * bm;
+              fwd_tile<scalar_t>(p, b, hk * p.G + g, qb, bm, o + row * p.Dv, ls + row, buf,
+                                 kt_all, vf_all);
+            }
+          }
+        }
+        if (use_brgemm()) at::native::cpublas::brgemm_release();
+      });
+      return;
+    }
     at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(kBlockM * p.D + p.D * kBlockN + kBlockN * p.Dv +
-                             kBlockM * kBlockN + kBlockM * p.Dv + 2 * kBlockM);
+      std::vector<float> buf(forward_buffer_size(p, bm));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t qb = t % nqb, bh = t / nqb;
         const int64_t b = bh / p.Hq, h = bh % p.Hq;
-        const int64_t row = bh * p.Sq + qb * kBlockM;
-        fwd_tile<scalar_t>(p, b, h, qb, o + row * p.Dv, ls + row, buf);
+        const int64_t row = bh * p.Sq + qb * bm;
+        fwd_tile<scalar_t>(p, b, h, qb, bm, o + row * p.Dv, ls + row, buf, nullptr, nullptr);
       }
       if (use_brgemm()) at::native::cpublas::brgemm_release();
     });
@@ -323,10 +492,14 @@ void grad_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, i
       for (int64_t j = 0; j < nj; ++j) pdrow[j] = dsrow[j] = dsrrow[j] = 0.f;
       continue;
     }
-    const float* dp = dsrow;  // read before overwritten, element by element
     const float dr = delta[r];
+    if (p.dropout_p == 0.f && p.softcap == 0.f) {
+      cpu_simd::attn_grad_row(srow, dsrow, pdrow, dsrrow, nj, lr, dr, p.scale);
+      continue;
+    }
+    const float* dp = dsrow;  // read before overwritten, element by element
     for (int64_t j = 0; j < nj; ++j) {
-      const float pj = std::exp(srow[j] - lr);  // 0 where s = -inf
+      const float pj = exp_nonpositive(srow[j] - lr);  // 0 where s = -inf
       float pdj = pj, dpj = dp[j];
       if (p.dropout_p > 0.f) {
         if (p.keep(b, h, i0 + r, j0 + j)) {
@@ -459,6 +632,69 @@ void bwd_dq_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, const float
   for (int64_t x = 0; x < ni * D; ++x) o[x] = static_cast<T>(dqf[x]);
 }
 
+// The single-pass backward of one (batch, kv head), the per-head task plan (use_head_tasks):
+// P and dS of each (query tile, key tile) are computed once and feed dQ (complete after the
+// query tile's key loop), dK and dV (accumulated over the whole key sequence in fp32 in `acc`,
+// the query heads of a GQA group summed in the task: no atomics, the same order of additions
+// as the two-pass plan). K and V are widened (and transposed) once per task, into `kv`.
+template <typename T>
+void bwd_group_task(const Problem& p, int64_t b, int64_t hk, const float* dout,
+                    const float* lse_all, const float* delta_all, T* dq, T* dk, T* dv,
+                    float* dmask, BwdBuffers& w, std::vector<float>& kv, std::vector<float>& acc) {
+  const int64_t D = p.D, Dv = p.Dv, Sk = p.Sk;
+  const int64_t nqb = cdiv(p.Sq, kBlockM);
+  float *kt_all, *vt_all, *kf_all;
+  pack_head<T>(p, b, hk, kv, &kt_all, nullptr, &vt_all, &kf_all);
+  acc.assign(Sk * (D + Dv), 0.f);
+  float* dkf = acc.data();     // Sk x D
+  float* dvf = dkf + Sk * D;   // Sk x Dv
+
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t h = hk * p.G + g;
+    const int64_t bh = b * p.Hq + h;
+    const T* qbase = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1];
+    for (int64_t qb = 0; qb < nqb; ++qb) {
+      const int64_t i0 = qb * kBlockM, ni = std::min(kBlockM, p.Sq - i0);
+      const float* lse = lse_all + bh * p.Sq + i0;
+      const float* delta = delta_all + bh * p.Sq + i0;
+      float* dqf = w.acc_k;
+      std::fill(dqf, dqf + ni * D, 0.f);
+      bool any = false;
+      for (int64_t r = 0; r < ni; ++r) any |= lse[r] != kNegInf;
+      if (any) {
+        load_rows(qbase + i0 * p.qs[2], p.qs[2], p.qs[3], ni, D, w.qf, D);
+        std::copy(dout + (bh * p.Sq + i0) * Dv, dout + (bh * p.Sq + i0 + ni) * Dv, w.dof);
+        int64_t jlo, jhi;
+        p.key_range(i0, i0 + ni, &jlo, &jhi);
+        for (int64_t j0 = (jlo / kBlockN) * kBlockN; j0 < jhi; j0 += kBlockN) {
+          const int64_t kb = j0 / kBlockN, nj = std::min(kBlockN, Sk - j0);
+          score_tile(p, b, h, i0, ni, j0, nj, w.qf, kt_all + kb * D * kBlockN, w.s, w.th);
+          grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, vt_all + kb * Dv * kBlockN, lse,
+                    delta, w.pd, w.ds, w.dsr);
+          gemm(ni, D, nj, w.dsr, kBlockN, kf_all + j0 * D, D, dqf, D, true);  // dQ += dS K
+          transpose(w.pd, kBlockN, ni, nj, w.pdt, kBlockM);
+          transpose(w.dsr, kBlockN, ni, nj, w.dsrt, kBlockM);
+          gemm(nj, Dv, ni, w.pdt, kBlockM, w.dof, Dv, dvf + j0 * Dv, Dv, true);  // dV += P^T dO
+          gemm(nj, D, ni, w.dsrt, kBlockM, w.qf, D, dkf + j0 * D, D, true);      // dK += dS^T Q
+          if (dmask != nullptr) {  // the mask gradient is dS itself
+            for (int64_t r = 0; r < ni; ++r) {
+              float* dm = dmask + (bh * p.Sq + i0 + r) * Sk + j0;
+              std::copy(w.ds + r * kBlockN, w.ds + r * kBlockN + nj, dm);
+            }
+          }
+        }
+      }
+      T* o = dq + (bh * p.Sq + i0) * D;
+      for (int64_t x = 0; x < ni * D; ++x) o[x] = static_cast<T>(dqf[x]);
+    }
+  }
+  const int64_t row = (b * p.Hkv + hk) * Sk;
+  T* dko = dk + row * D;
+  T* dvo = dv + row * Dv;
+  for (int64_t x = 0; x < Sk * D; ++x) dko[x] = static_cast<T>(dkf[x]);
+  for (int64_t x = 0; x < Sk * Dv; ++x) dvo[x] = static_cast<T>(dvf[x]);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse,
@@ -508,6 +744,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     scalar_t* dk = grad_key.mutable_data_ptr<scalar_t>();
     scalar_t* dv = grad_value.mutable_data_ptr<scalar_t>();
     scalar_t* dq = grad_query.mutable_data_ptr<scalar_t>();
+    if (use_head_tasks(p)) {
+      at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+        BwdBuffers w(p.D, p.Dv);
+        std::vector<float> kv, acc;
+        for (int64_t t = begin; t < end; ++t) {
+          bwd_group_task<scalar_t>(p, t / p.Hkv, t % p.Hkv, dop, lp, dp, dq, dk, dv, dm, w, kv,
+                                   acc);
+        }
+        if (use_brgemm()) at::native::cpublas::brgemm_release();
+      });
+      return;
+    }
     at::parallel_for(0, p.B * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
       BwdBuffers w(p.D, p.Dv);
       for (int64_t t = begin; t < end; ++t) {

@@ -5,6 +5,17 @@
 #include <cstdint>
 #include <cstring>
 
+// A hot loop marked LLMFAST_SIMD_CLONES is compiled twice by GCC on x86-64 (AVX2, 8 floats an
+// instruction, and the SSE2 baseline), the variant picked when the library loads. Such
+// functions need external linkage (outside anonymous namespaces, in namespace
+// llmfast::cpu_simd, with names unique across the library): the form of GCC's ifunc dispatch
+// that every GCC version supports.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LLMFAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LLMFAST_SIMD_CLONES
+#endif
+
 namespace llmfast {
 
 // sum_{i < n} f(i) with kLanes interleaved fp32 accumulators (independent chains the compiler
@@ -49,7 +60,8 @@ C10_ALWAYS_INLINE float lane_max(int64_t n, F f, float init) {
 // libm call, ~10x slower per element than torch's SIMD exp). x = n ln2 + r with |r| <= ln2/2,
 // exp(r) by Cephes' expf polynomial, 2^n put into the exponent bits: relative error about
 // 1e-7. Below -87 (where 2^n leaves the normal range) the result is 0, as exp underflows;
-// -inf gives 0, NaN gives NaN. Must not be compiled with -ffast-math (the rounding trick);
+// -inf gives 0, NaN gives NaN. Also right for 0 < x <= 88 (n <= 127), which callers may pass
+// when rounding leaves an exponent a hair above 0 (attention's s - lse); not beyond. Must not be compiled with -ffast-math (the rounding trick);
 // vectorises only with -fno-trapping-math (setup.py sets it).
 C10_ALWAYS_INLINE float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;

@@ -34,15 +34,8 @@
 namespace llmfast {
 namespace cpu_simd {
 
-// The row kernel's two hottest loops, compiled twice by GCC on x86-64 (AVX2, 8 floats an
-// instruction, and the SSE2 baseline), the variant picked when the library loads. They have
-// external linkage (outside the anonymous namespace), the form of GCC's ifunc dispatch that
-// every GCC version supports.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LLMFAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LLMFAST_SIMD_CLONES
-#endif
+// The row kernel's two hottest loops, compiled for AVX2 and the baseline
+// (LLMFAST_SIMD_CLONES, cpu_utils.h).
 
 // max_i x[i] (NaNs skipped, as the scalar `a < b ? b : a` form skips them).
 LLMFAST_SIMD_CLONES float ce_row_max(const float* x, int64_t n) {
