@@ -107,6 +107,11 @@ using attention::Problem;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The tile that task i of n runs: 0, n-1, 1, n-2, ... Under a causal mask or a window, tiles
+// at one end of a sequence have less work than those at the other; at::parallel_for gives each
+// thread a contiguous range of tasks, which this order balances.
+int64_t zigzag(int64_t i, int64_t n) { return i % 2 == 0 ? i / 2 : n - 1 - i / 2; }
+
 // ATen's fp32 brgemm (oneDNN's micro-kernel, single-threaded, safe inside at::parallel_for) when
 // this torch build has a working one, checked once on a small product; otherwise (or with
 // LLMFAST_ATTENTION_GEMM=loops) plain loops that the compiler vectorizes.
@@ -265,16 +270,17 @@ int64_t head_task_floats(const Problem& p) {
   return cdiv(p.Sk, kBlockN) * kBlockN * (p.D + p.Dv) + p.Sk * (2 * p.D + 2 * p.Dv);
 }
 
-// Per-head tasks when they keep the threads at least 3/4 busy (their backward does about 30%
-// less work than the per-tile plan's) and their working memory is small.
-bool use_head_tasks(const Problem& p) {
+// Per-head tasks when they keep the threads busy enough (at least 3/4 of the time for the
+// backward, whose single pass does about 30% less work than the per-tile plan's; 9/10 for the
+// forward, which saves only the repeated widening of K and V) and their working memory is small.
+bool use_head_tasks(const Problem& p, bool backward) {
   const char* env = std::getenv("LLMFAST_ATTENTION_CPU_TASKS");
   if (env != nullptr && std::strcmp(env, "head") == 0) return true;
   if (env != nullptr && std::strcmp(env, "tile") == 0) return false;
   const int64_t tasks = p.B * p.Hkv, threads = at::get_num_threads();
-  const int64_t rounds = cdiv(tasks, threads);
-  return tasks >= threads && 4 * tasks >= 3 * rounds * threads &&
-         4 * head_task_floats(p) <= kMaxHeadTaskBytes;
+  const int64_t busy = tasks * (backward ? 4 : 10);
+  const int64_t needed = cdiv(tasks, threads) * threads * (backward ? 3 : 9);
+  return tasks >= threads && busy >= needed && 4 * head_task_floats(p) <= kMaxHeadTaskBytes;
 }
 
 // Widens the K and V of (batch b, kv head hk) into `buf`, in the layouts asked for (a null
@@ -435,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
                                   [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     float* ls = lse.mutable_data_ptr<float>();
-    if (use_head_tasks(p)) {
+    if (use_head_tasks(p, /*backward=*/false)) {
       at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> buf(forward_buffer_size(p, bm));
         std::vector<float> kv;
@@ -460,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(forward_buffer_size(p, bm));
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t qb = t % nqb, bh = t / nqb;
+        const int64_t qb = zigzag(t % nqb, nqb), bh = t / nqb;
         const int64_t b = bh / p.Hq, h = bh % p.Hq;
         const int64_t row = bh * p.Sq + qb * bm;
         fwd_tile<scalar_t>(p, b, h, qb, bm, o + row * p.Dv, ls + row, buf, nullptr, nullptr);
@@ -744,7 +750,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     scalar_t* dk = grad_key.mutable_data_ptr<scalar_t>();
     scalar_t* dv = grad_value.mutable_data_ptr<scalar_t>();
     scalar_t* dq = grad_query.mutable_data_ptr<scalar_t>();
-    if (use_head_tasks(p)) {
+    if (use_head_tasks(p, /*backward=*/true)) {
       at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
         BwdBuffers w(p.D, p.Dv);
         std::vector<float> kv, acc;
@@ -759,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     at::parallel_for(0, p.B * p.Hkv * nkb, 1, [&](int64_t begin, int64_t end) {
       BwdBuffers w(p.D, p.Dv);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t kb = t % nkb, bhk = t / nkb;
+        const int64_t kb = zigzag(t % nkb, nkb), bhk = t / nkb;
         const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
         const int64_t row = bhk * p.Sk + kb * kBlockN;
         bwd_dkdv_tile<scalar_t>(p, b, hk, kb, dop, lp, dp, dk + row * p.D, dv + row * p.Dv, w);
@@ -769,7 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     at::parallel_for(0, p.B * p.Hq * nqb, 1, [&](int64_t begin, int64_t end) {
       BwdBuffers w(p.D, p.Dv);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t qb = t % nqb, bh = t / nqb;
+        const int64_t qb = zigzag(t % nqb, nqb), bh = t / nqb;
         bwd_dq_tile<scalar_t>(p, bh / p.Hq, bh % p.Hq, qb, dop, lp, dp, dq, dm, w);
       }
       if (use_brgemm()) at::native::cpublas::brgemm_release();
