@@ -61,6 +61,11 @@ CASES = [
     ("left_window_only", 1, 2, 2, 150, 160, 16, 16, False, None, (40, -1), None),
     ("dv_ne_d", 1, 2, 2, 50, 60, 64, 32, False, None, None, None),
     ("d256", 1, 1, 1, 40, 40, 256, 256, True, None, None, None),
+    # a few queries (decoding, speculative decoding): the cpu forward reads keys by rows
+    ("few_queries_gqa_mask_grad", 2, 4, 2, 5, 150, 40, 40, False, "additive", None, None),
+    ("few_queries_window_softcap", 1, 2, 2, 9, 130, 64, 64, True, None, (20, 3), 3.0),
+    ("decode_key_padding", 2, 2, 2, 1, 100, 32, 32, False, "key_padding", None, None),
+    ("two_queries_causal_sq_lt_sk", 1, 2, 1, 2, 70, 16, 16, True, None, None, None),
 ]
 
 
@@ -261,6 +266,40 @@ def test_non_contiguous_views_of_fused_qkv(device, backend, poison):
         want = torch.autograd.grad(expected, (qkv, key), g)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+@pytest.mark.parametrize("Sq", [1, 2, 3, 16, 17])
+def test_few_queries_read_cache_views(device, backend, Sq, poison):
+    """Decoding reads keys and values from a cache: views of a longer preallocated cache (rows
+    strided by the whole cache), of a fused projection (rows strided by 3 * H * D), or with the
+    head dim not innermost; fp32 ones are read in place by the cpu kernel. Few queries (1 to 16)
+    and one more, with dropout too."""
+    torch.manual_seed(Sq)
+    B, H, Sk, D, cap = 2, 2, 75, 32, 96
+    q = torch.randn(B, H, Sq, D, device=device)
+    cache = torch.randn(2, B, H, cap, D, device=device)
+    fused = torch.randn(B, Sk, 3 * H * D, device=device).view(B, Sk, 3, H, D).permute(2, 0, 3, 1, 4)
+    k_t = torch.randn(B, H, D, Sk, device=device).transpose(-1, -2)
+    layouts = {"cache": (cache[0, :, :, :Sk], cache[1, :, :, :Sk]), "fused": (fused[1], fused[2]),
+               "head_dim_outer": (k_t, fused[2])}
+    for name, (k, v) in layouts.items():
+        for dtype in (torch.float32, torch.float16):
+            qd, kd, vd = (t.to(dtype) if dtype != torch.float32 else t for t in (q, k, v))
+            kw = dict(is_causal=Sq > 1)
+            with llmfast.use_backend(backend):
+                out = LF.scaled_dot_product_attention(qd, kd, vd, **kw)
+            gold, _ = reference_attention(*(t.double() for t in (qd, kd, vd)), None, **kw)
+            tol = 1e-5 if dtype == torch.float32 else 2e-3
+            torch.testing.assert_close(out.double(), gold, atol=tol, rtol=tol, msg=f"{name} {dtype}")
+    if device == "cpu" and backend == "triton":
+        return  # 200 dropout runs in Triton's interpreter take a minute; the GPU runs them
+    # dropout: the output's mean over seeds is the dropout-free output (unbiased)
+    k, v = layouts["cache"]
+    with llmfast.use_backend(backend):
+        outs = torch.stack([LF.scaled_dot_product_attention(q, k, v, dropout_p=0.3) for _ in range(200)])
+    gold, _ = reference_attention(q.double(), k.double(), v.double(), None)
+    assert (outs.double().mean(0) - gold).abs().max().item() < 0.25
 
 
 def test_triton_copies_head_dims_whose_offsets_pass_int32():
