@@ -66,6 +66,8 @@ CASES = [
     ("few_queries_window_softcap", 1, 2, 2, 9, 130, 64, 64, True, None, (20, 3), 3.0),
     ("decode_key_padding", 2, 2, 2, 1, 100, 32, 32, False, "key_padding", None, None),
     ("two_queries_causal_sq_lt_sk", 1, 2, 1, 2, 70, 16, 16, True, None, None, None),
+    ("few_queries_gqa_head_mask", 1, 4, 1, 5, 90, 32, 32, False, "bool", None, None),
+    ("decode_gqa_16_heads_window", 2, 16, 2, 1, 200, 64, 64, False, None, (50, 0), None),
 ]
 
 
@@ -199,30 +201,37 @@ def test_reference_extras():
 
 # --- dropout ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
-def test_dropout_replays_with_the_reference(device, backend):
+@pytest.mark.parametrize("Hq,Hkv,Sq,causal", [(2, 2, 40, True), (8, 2, 3, False)], ids=["mha", "gqa_few_queries"])
+def test_dropout_replays_with_the_reference(device, backend, Hq, Hkv, Sq, causal):
     """Recovers the kernel's dropout pattern (value = identity makes the output the dropped,
     rescaled probabilities), then checks output and gradients against the reference with that
-    pattern, and the kept fraction."""
-    p, B, H, Sq, Sk, D = 0.25, 1, 2, 40, 48, 32
+    pattern, and the kept fraction. Grouped-query decoding stacks the query heads of a group in
+    one tile: each row must still draw its own head's pattern (which the backward redraws)."""
+    p, B, Sk, D = 0.25, 1, 48, 32
     torch.manual_seed(5)
-    q, k, v = (torch.randn(B, H, s, D, device=device) for s in (Sq, Sk, Sk))
-    eye = torch.eye(Sk, device=device).expand(B, H, Sk, Sk)
+    q = torch.randn(B, Hq, Sq, D, device=device)
+    k, v = (torch.randn(B, Hkv, Sk, D, device=device) for _ in range(2))
+    eye = torch.eye(Sk, device=device).expand(B, Hkv, Sk, Sk)
+    gqa = dict(enable_gqa=Hq != Hkv)
     with llmfast.use_backend(backend):
         torch.manual_seed(11)
-        probs = LF.scaled_dot_product_attention(q, k, eye, dropout_p=p, is_causal=True)
+        probs = LF.scaled_dot_product_attention(q, k, eye, dropout_p=p, is_causal=causal, **gqa)
         torch.manual_seed(11)
         qk, kk, vk = (t.clone().requires_grad_() for t in (q, k, v))
-        out = LF.scaled_dot_product_attention(qk, kk, vk, dropout_p=p, is_causal=True)
+        out = LF.scaled_dot_product_attention(qk, kk, vk, dropout_p=p, is_causal=causal, **gqa)
         torch.manual_seed(12)
-        other = LF.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        other = LF.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal, **gqa)
     keep = probs != 0
-    band = torch.ones(Sq, Sk, dtype=torch.bool, device=device).tril()
+    band = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    band = band.tril() if causal else band
     kept = keep[..., band].float().mean().item()
     assert abs(kept - (1 - p)) < 0.05, f"kept fraction {kept:.3f}, expected {1 - p}"
     assert not torch.allclose(out, other), "another seed must give another pattern"
+    if Hq != Hkv:
+        assert not torch.equal(keep[:, 0], keep[:, 1]), "each query head draws its own pattern"
 
     ql, kl, vl = (t.double().requires_grad_() for t in (q, k, v))
-    gold, _ = reference_attention(ql, kl, vl, None, p, True, dropout_mask=keep)
+    gold, _ = reference_attention(ql, kl, vl, None, p, causal, dropout_mask=keep, **gqa)
     torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-5)
     gout = torch.randn_like(out)
     for a, g in zip(torch.autograd.grad(out, (qk, kk, vk), gout),

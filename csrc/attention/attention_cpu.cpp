@@ -370,44 +370,53 @@ constexpr int64_t kFewQueries = 16;
 // Working memory of a forward task, in floats.
 int64_t forward_buffer_size(const Problem& p, int64_t bm) {
   return bm * p.D + p.D * kBlockN + kBlockN * p.Dv + bm * kBlockN + bm * p.Dv + 2 * bm +
-         bm * p.D + kBlockN * bm;
+         bm * p.D + kBlockN * bm;  // (bm: rows of the tile)
 }
 
+// One forward task's rows: queries [qb * bm, +bm) of query head h, or, with heads > 1 (a few
+// queries of grouped-query attention: Sq <= kFewQueries, qb = 0), all Sq queries of query heads
+// h .. h + heads - 1, which share one kv head: their rows are stacked into one tile, so the
+// keys and values are read once for the group. out / lse point at the first row; the rows of
+// consecutive heads are consecutive in the outputs. kt_all / vf_all: the head's packed K^T
+// tiles and V rows (pack_head), or null to read them here.
 template <typename T>
-void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t bm, T* out, float* lse,
-              std::vector<float>& buf, const float* kt_all, const float* vf_all) {
+void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t heads, int64_t qb, int64_t bm,
+              T* out, float* lse, std::vector<float>& buf, const float* kt_all,
+              const float* vf_all) {
   const int64_t D = p.D, Dv = p.Dv;
-  const int64_t i0 = qb * bm, ni = std::min(bm, p.Sq - i0);
+  const int64_t i0 = qb * bm, nh = std::min(bm, p.Sq - i0);  // queries per head
+  const int64_t ni = nh * heads;                               // rows of the tile
   const int64_t hk = h / p.G;
-  float* qf = buf.data();                // bm x D
-  float* kt = qf + bm * D;               // D x kBlockN
+  const int64_t cap = std::max(bm, ni);
+  float* qf = buf.data();                // cap x D
+  float* kt = qf + cap * D;              // D x kBlockN
   float* vf = kt + D * kBlockN;          // kBlockN x Dv
-  float* s = vf + kBlockN * Dv;          // bm x kBlockN
-  float* acc = s + bm * kBlockN;         // bm x Dv
-  float* m = acc + bm * Dv;              // bm
-  float* l = m + bm;                     // bm
+  float* s = vf + kBlockN * Dv;          // cap x kBlockN
+  float* acc = s + cap * kBlockN;        // cap x Dv
+  float* m = acc + cap * Dv;             // cap
+  float* l = m + cap;                    // cap
+  float* qt = l + cap;                   // D x ni (Q^T, few-query path)
+  float* st = qt + cap * D;              // kBlockN x ni
 
-  const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
-  load_rows(qp, p.qs[2], p.qs[3], ni, D, qf, D);
-  float* qt = l + bm;                    // D x ni (Q^T, few-query path)
-  float* st = qt + bm * D;               // kBlockN x ni
-  if (p.Sq <= kFewQueries && ni > 2) transpose(qf, D, ni, D, qt, ni);
+  for (int64_t g = 0; g < heads; ++g) {
+    const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + (h + g) * p.qs[1] + i0 * p.qs[2];
+    load_rows(qp, p.qs[2], p.qs[3], nh, D, qf + g * nh * D, D);
+  }
+  const bool few = p.Sq <= kFewQueries && kt_all == nullptr;
+  if (few && ni > 2) transpose(qf, D, ni, D, qt, ni);
   std::fill(acc, acc + ni * Dv, 0.f);
   std::fill(m, m + ni, kNegInf);
   std::fill(l, l + ni, 0.f);
 
   int64_t jlo, jhi;
-  p.key_range(i0, i0 + ni, &jlo, &jhi);
+  p.key_range(i0, i0 + nh, &jlo, &jhi);
   const T* kbase = static_cast<const T*>(p.k) + b * p.ks[0] + hk * p.ks[1];
   const T* vbase = static_cast<const T*>(p.v) + b * p.vs[0] + hk * p.vs[1];
   for (int64_t j0 = (jlo / kBlockN) * kBlockN; j0 < jhi; j0 += kBlockN) {
     const int64_t nj = std::min(kBlockN, p.Sk - j0);
     const float* vtile = vf;
     int64_t ldv = Dv;
-    if (kt_all != nullptr) {  // the head's K^T tiles and V rows, widened once by the task
-      score_tile(p, b, h, i0, ni, j0, nj, qf, kt_all + (j0 / kBlockN) * D * kBlockN, s, nullptr);
-      vtile = vf_all + j0 * Dv;
-    } else if (p.Sq <= kFewQueries) {  // few queries: K and V by rows, fp32 ones in place
+    if (few) {  // few queries: K and V by rows, fp32 ones in place
       const T* krows = kbase + j0 * p.ks[2];
       const T* vrows = vbase + j0 * p.vs[2];
       const float* kf = kt;
@@ -424,13 +433,18 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t bm, T*
         gemm(nj, ni, D, kf, ldk, qt, ni, st, ni, false);
         transpose(st, ni, nj, ni, s, kBlockN);
       }
-      finish_scores(p, b, h, i0, ni, j0, nj, s, nullptr);
+      for (int64_t g = 0; g < heads; ++g) {
+        finish_scores(p, b, h + g, i0, nh, j0, nj, s + g * nh * kBlockN, nullptr);
+      }
       if (std::is_same_v<T, float> && p.vs[3] == 1) {
         vtile = reinterpret_cast<const float*>(vrows);
         ldv = p.vs[2];
       } else {
         load_rows(vrows, p.vs[2], p.vs[3], nj, Dv, vf, Dv);
       }
+    } else if (kt_all != nullptr) {  // the head's K^T tiles and V rows, widened once by the task
+      score_tile(p, b, h, i0, ni, j0, nj, qf, kt_all + (j0 / kBlockN) * D * kBlockN, s, nullptr);
+      vtile = vf_all + j0 * Dv;
     } else {
       load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, kt, kBlockN);
       load_rows(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, vf, Dv);
@@ -454,8 +468,9 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, int64_t bm, T*
       m[r] = mx;
       if (alpha != 1.f) cpu_simd::attn_scale(acc + r * Dv, Dv, alpha);
       if (p.dropout_p > 0.f) {
+        const int64_t hr = h + r / nh, ir = i0 + r % nh;
         for (int64_t j = 0; j < nj; ++j) {
-          srow[j] = p.keep(b, h, i0 + r, j0 + j) ? srow[j] * p.keep_scale : 0.f;
+          srow[j] = p.keep(b, hr, ir, j0 + j) ? srow[j] * p.keep_scale : 0.f;
         }
       }
     }
@@ -490,6 +505,26 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
                                   [&] {
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     float* ls = lse.mutable_data_ptr<float>();
+    if (p.Sq <= kFewQueries && p.G > 1) {
+      // grouped-query decoding: the query heads of a kv head in one tile (up to 128 rows), so
+      // that its keys and values are read once. The grouping depends on the problem only, not
+      // on the thread count, and so do the results.
+      const int64_t hpt = std::min<int64_t>(p.G, std::max<int64_t>(1, kMaxBlockMFwd / p.Sq));
+      const int64_t chunks = cdiv(p.G, hpt);
+      at::parallel_for(0, p.B * p.Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(forward_buffer_size(p, hpt * p.Sq));
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t c = t % chunks, bhk = t / chunks;
+          const int64_t b = bhk / p.Hkv, hk = bhk % p.Hkv;
+          const int64_t h = hk * p.G + c * hpt, heads = std::min(hpt, p.G - c * hpt);
+          const int64_t row = (b * p.Hq + h) * p.Sq;
+          fwd_tile<scalar_t>(p, b, h, heads, 0, p.Sq, o + row * p.Dv, ls + row, buf, nullptr,
+                             nullptr);
+        }
+        if (use_brgemm()) at::native::cpublas::brgemm_release();
+      });
+      return;
+    }
     if (p.Sq > kFewQueries && use_head_tasks(p, /*backward=*/false)) {
       at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> buf(forward_buffer_size(p, bm));
@@ -503,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
             const int64_t bh = b * p.Hq + hk * p.G + g;
             for (int64_t qb = 0; qb < nqb; ++qb) {
               const int64_t row = bh * p.Sq + qb * bm;
-              fwd_tile<scalar_t>(p, b, hk * p.G + g, qb, bm, o + row * p.Dv, ls + row, buf,
+              fwd_tile<scalar_t>(p, b, hk * p.G + g, 1, qb, bm, o + row * p.Dv, ls + row, buf,
                                  kt_all, vf_all);
             }
           }
@@ -518,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
         const int64_t qb = zigzag(t % nqb, nqb), bh = t / nqb;
         const int64_t b = bh / p.Hq, h = bh % p.Hq;
         const int64_t row = bh * p.Sq + qb * bm;
-        fwd_tile<scalar_t>(p, b, h, qb, bm, o + row * p.Dv, ls + row, buf, nullptr, nullptr);
+        fwd_tile<scalar_t>(p, b, h, 1, qb, bm, o + row * p.Dv, ls + row, buf, nullptr, nullptr);
       }
       if (use_brgemm()) at::native::cpublas::brgemm_release();
     });
