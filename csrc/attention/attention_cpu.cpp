@@ -13,7 +13,10 @@
 // (cpu_utils.h: exp_nonpositive), not libm's scalar one. Tasks (use_head_tasks): one per
 // (batch, kv head) when there are enough of those for the threads (its K and V widened
 // and transposed once, then every query tile of its query heads), else one per (batch, query
-// head, query tile) (K and V widened per tile).
+// head, query tile) (K and V widened per tile). Up to kFewQueries (16) queries (decoding) the
+// scores come from the key rows themselves (no transposed copy; fp32 rows read in place), and
+// the query heads of a grouped-query group share one tile, so the cache is read once a group.
+// Every plan gives the same bits for a given problem: results do not depend on the threads.
 // Backward (no atomics, deterministic): delta = rowsum(dO O) - dlse first, then for every
 // visible (query tile, key tile) P = exp(s - lse) is recomputed and
 //     dV += P^T dO;  dP = dO V^T;  dS = P (dP - delta);  dK += scale dS^T Q;  dQ += scale dS K
@@ -29,7 +32,8 @@
 // writes a (B, Hq, Sq, Sk) tensor. Dropout draws a counter-based hash of (seed, batch, head,
 // query, key), so the backward redraws the forward's pattern without storing it.
 //
-// Memory traffic: the forward reads Q once and K, V once per task, writes O and lse once;
+// Memory traffic: the forward reads Q once and K, V once per task (per query tile in per-tile
+// tasks), writes O and lse once;
 // the backward reads K, V once per task (single pass) or once per query tile per pass, and Q,
 // dO once per key tile (two passes), writes dQ, dK, dV once. A mask is read once per visited
 // tile element (any strides, so a key-padding mask (B, 1, 1, Sk) expanded to (B, Hq, Sq, Sk)
