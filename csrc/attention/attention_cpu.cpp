@@ -203,6 +203,32 @@ void load_transposed(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
   }
 }
 
+// K^T (or V^T) of keys [0, n) as tiles of width x kBlockN (one per kBlockN keys), in dst.
+template <typename T>
+void load_transposed_tiles(const T* src, int64_t rs, int64_t cs, int64_t n, int64_t width,
+                           float* dst) {
+  for (int64_t j0 = 0; j0 < n; j0 += kBlockN) {
+    load_transposed(src + j0 * rs, rs, cs, std::min(kBlockN, n - j0), width,
+                    dst + (j0 / kBlockN) * width * kBlockN, kBlockN);
+  }
+}
+
+// rows x cols of src as fp32 rows: fp32 rows of unit stride in place (*ld = rs), others
+// widened into scratch (*ld = cols).
+template <typename T>
+const float* rows_as_float(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
+                           float* scratch, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cs == 1) {
+      *ld = rs;
+      return src;
+    }
+  }
+  load_rows(src, rs, cs, rows, cols, scratch, cols);
+  *ld = cols;
+  return scratch;
+}
+
 // Adds the mask row (b, h, i, j0 .. j0 + nj) to s (or sets -inf where a bool mask is false).
 void apply_mask_row(const Problem& p, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nj,
                     float* s) {
@@ -303,13 +329,12 @@ bool use_head_tasks(const Problem& p, bool backward) {
 }
 
 // Widens the K and V of (batch b, kv head hk) into `buf`, in the layouts asked for (a null
-// output pointer: not wanted): kt_all, nkb tiles of D x kBlockN (K^T, the score products' right
-// operand); vf_all, Sk x Dv (V rows); vt_all, nkb tiles of Dv x kBlockN (V^T); kf_all, Sk x D.
+// output pointer: not wanted): kt_all, tiles of D x kBlockN (K^T, the score products' right
+// operand); vf_all, Sk x Dv (V rows); vt_all, tiles of Dv x kBlockN (V^T); kf_all, Sk x D.
 template <typename T>
 void pack_head(const Problem& p, int64_t b, int64_t hk, std::vector<float>& buf, float** kt_all,
                float** vf_all, float** vt_all, float** kf_all) {
-  const int64_t D = p.D, Dv = p.Dv, Sk = p.Sk, nkb = cdiv(Sk, kBlockN);
-  const int64_t tiled = nkb * kBlockN;
+  const int64_t D = p.D, Dv = p.Dv, Sk = p.Sk, tiled = cdiv(Sk, kBlockN) * kBlockN;
   buf.resize((kt_all ? tiled * D : 0) + (vf_all ? Sk * Dv : 0) + (vt_all ? tiled * Dv : 0) +
              (kf_all ? Sk * D : 0));
   float* x = buf.data();
@@ -318,11 +343,7 @@ void pack_head(const Problem& p, int64_t b, int64_t hk, std::vector<float>& buf,
   if (kt_all != nullptr) {
     *kt_all = x;
     x += tiled * D;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t j0 = kb * kBlockN, nj = std::min(kBlockN, Sk - j0);
-      load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, *kt_all + kb * D * kBlockN,
-                      kBlockN);
-    }
+    load_transposed_tiles(kbase, p.ks[2], p.ks[3], Sk, D, *kt_all);
   }
   if (vf_all != nullptr) {
     *vf_all = x;
@@ -332,11 +353,7 @@ void pack_head(const Problem& p, int64_t b, int64_t hk, std::vector<float>& buf,
   if (vt_all != nullptr) {
     *vt_all = x;
     x += tiled * Dv;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t j0 = kb * kBlockN, nj = std::min(kBlockN, Sk - j0);
-      load_transposed(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, *vt_all + kb * Dv * kBlockN,
-                      kBlockN);
-    }
+    load_transposed_tiles(vbase, p.vs[2], p.vs[3], Sk, Dv, *vt_all);
   }
   if (kf_all != nullptr) {
     *kf_all = x;
@@ -348,10 +365,9 @@ void pack_head(const Problem& p, int64_t b, int64_t hk, std::vector<float>& buf,
 // Queries per forward tile: in per-tile tasks a key tile is widened and transposed once per
 // query tile, so taller query tiles cost less of that per product (128 rows: 5-10% faster than
 // 64 on this project's CPU; 256 slower under a causal mask), as long as there are tasks for
-// every thread. The
-// choice does not change a bit of the result: a row's keys are visited in the same tiles, and
-// tiles outside its band add exact zeros. LLMFAST_ATTENTION_CPU_BLOCK_M (1 to 1024) forces it,
-// for the tests that check this.
+// every thread. The choice does not change a bit of the result: a row's keys are visited in the
+// same tiles, and tiles outside its band add exact zeros. LLMFAST_ATTENTION_CPU_BLOCK_M (1 to
+// 1024) forces it, for the tests that check this.
 int64_t forward_block_m(const Problem& p) {
   if (const char* env = std::getenv("LLMFAST_ATTENTION_CPU_BLOCK_M")) {
     const int64_t forced = std::atoll(env);
@@ -421,16 +437,8 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t heads, int64_t qb,
     const float* vtile = vf;
     int64_t ldv = Dv;
     if (few) {  // few queries: K and V by rows, fp32 ones in place
-      const T* krows = kbase + j0 * p.ks[2];
-      const T* vrows = vbase + j0 * p.vs[2];
-      const float* kf = kt;
-      int64_t ldk = D;
-      if (std::is_same_v<T, float> && p.ks[3] == 1) {
-        kf = reinterpret_cast<const float*>(krows);
-        ldk = p.ks[2];
-      } else {
-        load_rows(krows, p.ks[2], p.ks[3], nj, D, kt, D);
-      }
+      int64_t ldk;
+      const float* kf = rows_as_float(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, kt, &ldk);
       if (ni <= 2) {  // dot products of the key rows (a product with N <= 2 wastes lanes)
         cpu_simd::attn_scores_from_rows(qf, ni, D, kf, ldk, nj, s, kBlockN);
       } else {  // S^T (nj x ni) = K Q^T, transposed into s (nj x ni: small)
@@ -440,12 +448,7 @@ void fwd_tile(const Problem& p, int64_t b, int64_t h, int64_t heads, int64_t qb,
       for (int64_t g = 0; g < heads; ++g) {
         finish_scores(p, b, h + g, i0, nh, j0, nj, s + g * nh * kBlockN, nullptr);
       }
-      if (std::is_same_v<T, float> && p.vs[3] == 1) {
-        vtile = reinterpret_cast<const float*>(vrows);
-        ldv = p.vs[2];
-      } else {
-        load_rows(vrows, p.vs[2], p.vs[3], nj, Dv, vf, Dv);
-      }
+      vtile = rows_as_float(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, vf, &ldv);
     } else if (kt_all != nullptr) {  // the head's K^T tiles and V rows, widened once by the task
       score_tile(p, b, h, i0, ni, j0, nj, qf, kt_all + (j0 / kBlockN) * D * kBlockN, s, nullptr);
       vtile = vf_all + j0 * Dv;
@@ -643,6 +646,43 @@ struct BwdBuffers {
   }
 };
 
+// True when one of the rows has a visible key (lse > -inf): tiles of fully masked rows are
+// skipped.
+bool any_visible(const float* lse, int64_t ni) {
+  for (int64_t r = 0; r < ni; ++r) {
+    if (lse[r] != kNegInf) return true;
+  }
+  return false;
+}
+
+// The backward of one (query tile, key tile) of query head h: rows [i0, i0 + ni) (w.qf, w.dof,
+// lse, delta), keys [j0, j0 + nj) (kt, vt: transposed tiles, ld kBlockN; kf: rows, ld D).
+// Adds to the accumulators that are given (null: not wanted): dqf += dS K (ni x D),
+// dvf += P^T dO and dkf += dS^T Q (nj rows), and writes dS into the mask gradient dmask.
+// Every plan runs its tiles through this one step, which keeps the plans' results equal.
+void backward_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t ni, int64_t j0,
+                   int64_t nj, const float* kt, const float* vt, const float* kf,
+                   const float* lse, const float* delta, BwdBuffers& w, float* dqf, float* dkf,
+                   float* dvf, float* dmask) {
+  const int64_t D = p.D, Dv = p.Dv;
+  score_tile(p, b, h, i0, ni, j0, nj, w.qf, kt, w.s, w.th);
+  grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, vt, lse, delta, w.pd, w.ds, w.dsr);
+  if (dqf != nullptr) gemm(ni, D, nj, w.dsr, kBlockN, kf, D, dqf, D, true);  // dQ += dS K
+  if (dkf != nullptr) {
+    transpose(w.pd, kBlockN, ni, nj, w.pdt, kBlockM);
+    transpose(w.dsr, kBlockN, ni, nj, w.dsrt, kBlockM);
+    gemm(nj, Dv, ni, w.pdt, kBlockM, w.dof, Dv, dvf, Dv, true);  // dV += P^T dO
+    gemm(nj, D, ni, w.dsrt, kBlockM, w.qf, D, dkf, D, true);     // dK += dS^T Q
+  }
+  if (dmask != nullptr) {  // the mask gradient is dS itself
+    const int64_t bh = b * p.Hq + h;
+    for (int64_t r = 0; r < ni; ++r) {
+      float* dm = dmask + (bh * p.Sq + i0 + r) * p.Sk + j0;
+      std::copy(w.ds + r * kBlockN, w.ds + r * kBlockN + nj, dm);
+    }
+  }
+}
+
 template <typename T>
 void bwd_dkdv_tile(const Problem& p, int64_t b, int64_t hk, int64_t kb, const float* dout,
                    const float* lse_all, const float* delta_all, T* dk, T* dv, BwdBuffers& w) {
@@ -665,18 +705,11 @@ void bwd_dkdv_tile(const Problem& p, int64_t b, int64_t hk, int64_t kb, const fl
     for (int64_t i0 = (ilo / kBlockM) * kBlockM; i0 < ihi; i0 += kBlockM) {
       const int64_t ni = std::min(kBlockM, p.Sq - i0);
       const float* lse = lse_all + bh * p.Sq + i0;
-      bool any = false;
-      for (int64_t r = 0; r < ni; ++r) any |= lse[r] != kNegInf;
-      if (!any) continue;
+      if (!any_visible(lse, ni)) continue;
       load_rows(qbase + i0 * p.qs[2], p.qs[2], p.qs[3], ni, D, w.qf, D);
       std::copy(dout + (bh * p.Sq + i0) * Dv, dout + (bh * p.Sq + i0 + ni) * Dv, w.dof);
-      score_tile(p, b, h, i0, ni, j0, nj, w.qf, w.kt, w.s, w.th);
-      grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, w.vt, lse,
-                delta_all + bh * p.Sq + i0, w.pd, w.ds, w.dsr);
-      transpose(w.pd, kBlockN, ni, nj, w.pdt, kBlockM);
-      transpose(w.dsr, kBlockN, ni, nj, w.dsrt, kBlockM);
-      gemm(nj, Dv, ni, w.pdt, kBlockM, w.dof, Dv, dvf, Dv, true);  // dV += P^T dO
-      gemm(nj, D, ni, w.dsrt, kBlockM, w.qf, D, dkf, D, true);     // dK += dS^T Q
+      backward_tile(p, b, h, i0, ni, j0, nj, w.kt, w.vt, nullptr, lse, delta_all + bh * p.Sq + i0,
+                    w, nullptr, dkf, dvf, nullptr);
     }
   }
   for (int64_t j = 0; j < nj; ++j) {
@@ -695,9 +728,7 @@ void bwd_dq_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, const float
   const float* lse = lse_all + bh * p.Sq + i0;
   float* dqf = w.acc_k;
   std::fill(dqf, dqf + ni * D, 0.f);
-  bool any = false;
-  for (int64_t r = 0; r < ni; ++r) any |= lse[r] != kNegInf;
-  if (any) {
+  if (any_visible(lse, ni)) {
     const T* qp = static_cast<const T*>(p.q) + b * p.qs[0] + h * p.qs[1] + i0 * p.qs[2];
     load_rows(qp, p.qs[2], p.qs[3], ni, D, w.qf, D);
     std::copy(dout + (bh * p.Sq + i0) * Dv, dout + (bh * p.Sq + i0 + ni) * Dv, w.dof);
@@ -710,16 +741,8 @@ void bwd_dq_tile(const Problem& p, int64_t b, int64_t h, int64_t qb, const float
       load_transposed(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, w.kt, kBlockN);
       load_rows(kbase + j0 * p.ks[2], p.ks[2], p.ks[3], nj, D, w.kf, D);
       load_transposed(vbase + j0 * p.vs[2], p.vs[2], p.vs[3], nj, Dv, w.vt, kBlockN);
-      score_tile(p, b, h, i0, ni, j0, nj, w.qf, w.kt, w.s, w.th);
-      grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, w.vt, lse, delta_all + bh * p.Sq + i0,
-                w.pd, w.ds, w.dsr);
-      gemm(ni, D, nj, w.dsr, kBlockN, w.kf, D, dqf, D, true);  // dQ += dS K
-      if (dmask != nullptr) {  // the mask gradient is dS itself
-        for (int64_t r = 0; r < ni; ++r) {
-          float* dm = dmask + (bh * p.Sq + i0 + r) * p.Sk + j0;
-          std::copy(w.ds + r * kBlockN, w.ds + r * kBlockN + nj, dm);
-        }
-      }
+      backward_tile(p, b, h, i0, ni, j0, nj, w.kt, w.vt, w.kf, lse, delta_all + bh * p.Sq + i0,
+                    w, dqf, nullptr, nullptr, dmask);
     }
   }
   T* o = dq + (bh * p.Sq + i0) * D;
@@ -753,29 +776,16 @@ void bwd_group_task(const Problem& p, int64_t b, int64_t hk, const float* dout,
       const float* delta = delta_all + bh * p.Sq + i0;
       float* dqf = w.acc_k;
       std::fill(dqf, dqf + ni * D, 0.f);
-      bool any = false;
-      for (int64_t r = 0; r < ni; ++r) any |= lse[r] != kNegInf;
-      if (any) {
+      if (any_visible(lse, ni)) {
         load_rows(qbase + i0 * p.qs[2], p.qs[2], p.qs[3], ni, D, w.qf, D);
         std::copy(dout + (bh * p.Sq + i0) * Dv, dout + (bh * p.Sq + i0 + ni) * Dv, w.dof);
         int64_t jlo, jhi;
         p.key_range(i0, i0 + ni, &jlo, &jhi);
         for (int64_t j0 = (jlo / kBlockN) * kBlockN; j0 < jhi; j0 += kBlockN) {
           const int64_t kb = j0 / kBlockN, nj = std::min(kBlockN, Sk - j0);
-          score_tile(p, b, h, i0, ni, j0, nj, w.qf, kt_all + kb * D * kBlockN, w.s, w.th);
-          grad_tile(p, b, h, i0, ni, j0, nj, w.s, w.th, w.dof, vt_all + kb * Dv * kBlockN, lse,
-                    delta, w.pd, w.ds, w.dsr);
-          gemm(ni, D, nj, w.dsr, kBlockN, kf_all + j0 * D, D, dqf, D, true);  // dQ += dS K
-          transpose(w.pd, kBlockN, ni, nj, w.pdt, kBlockM);
-          transpose(w.dsr, kBlockN, ni, nj, w.dsrt, kBlockM);
-          gemm(nj, Dv, ni, w.pdt, kBlockM, w.dof, Dv, dvf + j0 * Dv, Dv, true);  // dV += P^T dO
-          gemm(nj, D, ni, w.dsrt, kBlockM, w.qf, D, dkf + j0 * D, D, true);      // dK += dS^T Q
-          if (dmask != nullptr) {  // the mask gradient is dS itself
-            for (int64_t r = 0; r < ni; ++r) {
-              float* dm = dmask + (bh * p.Sq + i0 + r) * Sk + j0;
-              std::copy(w.ds + r * kBlockN, w.ds + r * kBlockN + nj, dm);
-            }
-          }
+          backward_tile(p, b, h, i0, ni, j0, nj, kt_all + kb * D * kBlockN,
+                        vt_all + kb * Dv * kBlockN, kf_all + j0 * D, lse, delta, w, dqf,
+                        dkf + j0 * D, dvf + j0 * Dv, dmask);
         }
       }
       T* o = dq + (bh * p.Sq + i0) * D;
