@@ -54,10 +54,49 @@ def _params_fit_kernels(input, weight, bias):
     return w is None or (w is b and (w is input.dtype or w is torch.float32))
 
 
+# Device types whose torch.autocast runs layer_norm and rms_norm in float32 (torch's "fp32" cast
+# policy: aten/src/ATen/autocast_mode.cpp). The CPU's autocast leaves norms alone.
+_NORM_FP32_AUTOCAST_DEVICES = frozenset({"cuda", "xpu"})
+
+
+def _check_residual(fn, input, residual):
+    _checks.tensor(fn, "residual", residual)
+    if residual.shape != input.shape:
+        raise LlmfastValueError(f"{fn}: residual must have input's shape {tuple(input.shape)}, "
+                                f"got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise LlmfastTypeError(f"{fn}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
+    _checks.same_device(fn, "residual", residual, "input", input)
+
+
+def _norm_under_autocast(fn, input, residual, normalized_shape, weight, bias, eps, rms):
+    """As torch under an autocast that runs norms in float32 (CUDA's): floating input, weight and
+    bias on the autocast device (float64 aside) are cast to float32, so the output is float32.
+    The residual sum is what torch's `input + residual` gives (autocast leaves additions alone):
+    in the input's dtype; a 16-bit sum is normalized after its cast, unfused."""
+    device_type = input.device.type
+
+    def cast(t):
+        eligible = (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                    and t.device.type == device_type)
+        return t.float() if eligible else t
+
+    with torch.autocast(device_type, enabled=False):
+        if residual is None or cast(input) is input:  # nothing to round between the sum and the norm
+            return _norm(fn, cast(input), residual, normalized_shape, cast(weight), cast(bias), eps, rms)
+        _check_residual(fn, input, residual)
+        summed = input + residual
+        out, _ = _norm(fn, summed.float(), None, normalized_shape, cast(weight), cast(bias), eps, rms)
+    return out, summed
+
+
 def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
     """Validates the arguments, then runs the chosen backend. Returns (out, input + residual).
     The checks are ordered so the common, valid call pays for few of them (this runs on every
     call of every norm layer)."""
+    if (isinstance(input, torch.Tensor) and input.device.type in _NORM_FP32_AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(input.device.type)):
+        return _norm_under_autocast(fn, input, residual, normalized_shape, weight, bias, eps, rms)
     if not isinstance(input, torch.Tensor) or input.dtype not in _checks.FLOATING:
         if not (rms and isinstance(input, torch.Tensor) and input.is_complex()):  # torch's rms_norm takes complex
             _checks.floating(fn, "input", input)
@@ -71,12 +110,7 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
             f"whose shape is {tuple(shape)}"
         )
     if residual is not None:
-        _checks.tensor(fn, "residual", residual)
-        if residual.shape != shape:
-            raise LlmfastValueError(f"{fn}: residual must have input's shape {tuple(shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != input.dtype:
-            raise LlmfastTypeError(f"{fn}: residual must have input's dtype {input.dtype}, got {residual.dtype}")
-        _checks.same_device(fn, "residual", residual, "input", input)
+        _check_residual(fn, input, residual)
     if weight is not None:
         _check_param(fn, "weight", weight, normalized_shape, input, rms)
     if bias is not None:
@@ -122,7 +156,8 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """As torch.nn.functional.layer_norm: normalize over the trailing `normalized_shape` dims."""
+    """As torch.nn.functional.layer_norm: normalize over the trailing `normalized_shape` dims.
+    Under CUDA's torch.autocast it runs in float32, as torch's (so do the other norms)."""
     return _norm("layer_norm", input, None, normalized_shape, weight, bias, eps, rms=False)[0]
 
 

@@ -268,6 +268,81 @@ def test_partial_requires_grad(device, backend):
     assert w.grad is None
 
 
+# --- autocast ---------------------------------------------------------------------------------
+def _autocast_dtype(device):
+    return torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_autocast_gives_torchs_dtypes_and_values(device, backend):
+    """Under torch.autocast, as torch's functions on the same device: CUDA's autocast runs
+    layer_norm and rms_norm in float32 (16-bit input and parameters cast, a float32 output),
+    the CPU's leaves them alone. The residual variants give what torch's input + residual, then
+    the norm, give: the sum in the input's dtype."""
+    torch.manual_seed(11)
+    F = torch.nn.functional
+    dt = _autocast_dtype(device)
+    n = 96
+    for x_dtype, p_dtype in [(dt, torch.float32), (dt, dt), (torch.float32, torch.float32)]:
+        x = torch.randn(6, n, device=device).to(x_dtype)
+        r = torch.randn(6, n, device=device).to(x_dtype)
+        w = (torch.rand(n, device=device) + 0.5).to(p_dtype)
+        b = torch.randn(n, device=device).to(p_dtype)
+        with torch.autocast(device, dtype=dt), llmfast.use_backend(backend):
+            pairs = [
+                (LF.layer_norm(x, (n,), w, b), F.layer_norm(x, (n,), w, b)),
+                (LF.rms_norm(x, (n,), w), F.rms_norm(x, (n,), w)),
+                (LF.rms_norm(x, (n,)), F.rms_norm(x, (n,))),
+            ]
+            y, s = LF.add_layer_norm(x, r, (n,), w, b)
+            s_torch = x + r
+            pairs += [(y, F.layer_norm(s_torch, (n,), w, b)), (s, s_torch)]
+            y, s = LF.add_rms_norm(x, r, (n,), w)
+            pairs += [(y, F.rms_norm(s_torch, (n,), w)), (s, s_torch)]
+        for i, (ours, theirs) in enumerate(pairs):
+            assert ours.dtype == theirs.dtype, (x_dtype, p_dtype, i)
+            tol = 1e-5 if theirs.dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol, msg=f"{x_dtype} {p_dtype} case {i}")
+
+
+def test_float32_autocast_policy_casts_as_torch(monkeypatch):
+    """The float32 policy (CUDA's, tested here on the CPU by giving the CPU that policy): 16-bit
+    input and parameters are normalized in float32 with a float32 output and float32-accurate
+    values, gradients go back in the inputs' dtypes, float64 stays float64, and a 16-bit residual
+    sum is rounded to the input's dtype before it is normalized, as torch's unfused version."""
+    monkeypatch.setattr(LF, "_NORM_FP32_AUTOCAST_DEVICES", frozenset({"cpu"}))
+    torch.manual_seed(12)
+    F = torch.nn.functional
+    n = 80
+    x = (torch.randn(5, n) * 3).bfloat16().requires_grad_()
+    r = torch.randn(5, n).bfloat16()
+    w = (torch.rand(n) + 0.5).bfloat16().requires_grad_()
+    b = torch.randn(n).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = LF.layer_norm(x, (n,), w, b)
+        z = LF.rms_norm(x, (n,), w)
+        ya, s = LF.add_layer_norm(x, r, (n,), w, b)
+        y64 = LF.layer_norm(x.detach().double(), (n,))
+    assert y.dtype == z.dtype == ya.dtype == torch.float32 and s.dtype == torch.bfloat16 and y64.dtype == torch.float64
+    xf, wf = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    bf = b.detach().clone().requires_grad_()
+    y_ref = F.layer_norm(xf, (n,), wf, bf)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, F.rms_norm(xf, (n,), wf), atol=1e-5, rtol=1e-5)
+    s_ref = x.detach() + r
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+    torch.testing.assert_close(ya, F.layer_norm(s_ref.float(), (n,), wf, bf), atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, xf.grad.bfloat16(), atol=1e-2, rtol=1e-2)  # a bf16 ulp
+    torch.testing.assert_close(w.grad, wf.grad.bfloat16(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(b.grad, bf.grad, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="residual"):
+        LF.add_layer_norm(x, r.float(), (n,))
+
+
 # --- bad input --------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_bad_input_names_the_argument(device, backend):
