@@ -177,6 +177,26 @@ def test_all_targets_ignored(device, backend, reduction, label_smoothing, poison
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("extra", [dict(label_smoothing=0.1), dict(z_loss=1e-3), dict()])
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_mean_over_zero_class_weight_is_nan(device, backend, extra, poison):
+    """The targets' class weights sum to 0: 'mean' is NaN as torch's (its NLL term is 0 / 0),
+    also where label smoothing or z_loss leave a non-zero sum (which divided by 0 would be inf);
+    'sum' stays finite and equal to torch's."""
+    torch.manual_seed(21)
+    x = torch.randn(6, 33, device=device)
+    t = torch.tensor([0, 1, 2, 0, -100, 1], device=device)
+    w = torch.rand(33, device=device) + 0.5
+    w[:3] = 0
+    with llmfast.use_backend(backend):
+        mean = LF.cross_entropy(x, t, weight=w, **extra)
+        total = LF.cross_entropy(x, t, weight=w, reduction="sum", **extra)
+    assert torch.isnan(mean).item()
+    if "z_loss" not in extra:  # torch has no z_loss
+        torch.testing.assert_close(total, torch.nn.functional.cross_entropy(x, t, weight=w, reduction="sum", **extra))
+    assert torch.isfinite(total).item()
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_non_contiguous_logits(device, backend, poison):
     torch.manual_seed(4)

@@ -253,6 +253,19 @@ def test_cross_entropy_all_targets_ignored(emulated, poison):
     assert not x.grad.any()
 
 
+@pytest.mark.parametrize("emulated", BOTH, indirect=True)
+def test_cross_entropy_mean_over_zero_class_weight(emulated, poison):
+    """The targets' class weights sum to 0 with label smoothing: 'mean' is NaN as torch's (the
+    reduce kernel's non-zero sum over a zero denominator would be inf)."""
+    x = torch.randn(4, 300, dtype=torch.bfloat16)
+    t = torch.tensor([0, 1, 0, 1])
+    w = torch.ones(300)
+    w[:2] = 0
+    with llmfast.use_backend("cpu"):
+        loss = llmfast.functional.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+    assert torch.isnan(loss)
+
+
 @pytest.mark.parametrize("V", [97, 50257, 140000])
 @pytest.mark.parametrize("emulated", BOTH, indirect=True)
 def test_cross_entropy_out_of_range_targets_are_ignored(emulated, kernels, V):

@@ -267,7 +267,11 @@ std::tuple<at::Tensor, at::Tensor> run_fwd(const at::Tensor& logits, const at::T
   const float* lr = loss_rows.const_data_ptr<float>();
   double total = 0.0;
   for (int64_t i = 0; i < M; ++i) total += lr[i];
-  if (reduction == 1) total /= p.total_weight;  // 0 / 0 = NaN when every target is ignored
+  if (reduction == 1) {
+    // 'mean' over a zero weight sum (every target ignored, or zero class weights) is NaN, as
+    // torch's (its NLL term is 0 / 0), also where label smoothing or z_loss leave a sum
+    total = p.total_weight == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / p.total_weight;
+  }
   return {at::scalar_tensor(total, f32), lse};
 }
 

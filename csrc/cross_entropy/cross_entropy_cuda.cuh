@@ -42,6 +42,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
@@ -578,7 +579,12 @@ __global__ void __launch_bounds__(kReduceThreads) ce_reduce_kernel(const float* 
   }
   if (threadIdx.x == 0) {
     double total = partial[0];
-    if (total_weight != nullptr) total /= static_cast<double>(*total_weight);  // 0/0 = NaN
+    if (total_weight != nullptr) {
+      // 'mean' over a zero weight sum is NaN, as torch's (its NLL term is 0 / 0), also where
+      // label smoothing or z_loss leave a non-zero sum
+      const double w = static_cast<double>(*total_weight);
+      total = w == 0.0 ? std::numeric_limits<double>::quiet_NaN() : total / w;
+    }
     *out = static_cast<float>(total);
   }
 }

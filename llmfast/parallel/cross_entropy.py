@@ -234,7 +234,8 @@ def _global_loss(group, stats, rows, vocab, reduction, label_smoothing, z_loss):
     if reduction == 2:
         return per_token.sum(), (ms, log_s), None
     denom = w_t.sum()
-    return per_token.sum() / denom, (ms, log_s), denom
+    # NaN for a zero weight sum, as torch's (denom / denom is 1 otherwise)
+    return per_token.sum() / denom * (denom / denom), (ms, log_s), denom
 
 
 def _row_factor(grad_loss, reduction, denom, valid, acc):

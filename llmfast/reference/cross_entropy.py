@@ -81,7 +81,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     elif reduction == "sum":
         out = per_token.sum()
     else:
-        out = per_token.sum() / w_t.sum()
+        denom = w_t.sum()
+        # NaN for a zero weight sum (denom / denom), as torch's, whose NLL term is then 0 / 0,
+        # also where label smoothing or z_loss leave a non-zero sum
+        out = per_token.sum() / denom * (denom / denom)
     return out.to(input.dtype)
 
 

@@ -402,7 +402,12 @@ def _reduce(loss_rows, reduction, total_weight):
     if reduction == 0:
         return loss_rows
     total = loss_rows.sum()
-    return total / total_weight[0] if reduction == 1 else total
+    if reduction != 1:
+        return total
+    # 'mean' over a zero weight sum is NaN, as torch's (its NLL term is 0 / 0), also where label
+    # smoothing or z_loss leave a non-zero sum: w / w is 1, or NaN for w = 0.
+    w = total_weight[0]
+    return total / w * (w / w)
 
 
 def cross_entropy_fwd(logits, target, weight, reduction: int, ignore_index: int, label_smoothing: float,
