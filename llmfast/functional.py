@@ -82,7 +82,8 @@ def _norm_under_autocast(fn, input, residual, normalized_shape, weight, bias, ep
         return t.float() if eligible else t
 
     with torch.autocast(device_type, enabled=False):
-        if residual is None or cast(input) is input:  # nothing to round between the sum and the norm
+        if residual is None or input.dtype not in (torch.float16, torch.bfloat16):
+            # the input is not cast, so nothing is rounded between the sum and the norm: fused
             return _norm(fn, cast(input), residual, normalized_shape, cast(weight), cast(bias), eps, rms)
         _check_residual(fn, input, residual)
         summed = input + residual
