@@ -2,6 +2,7 @@
 parameters and state_dict) and only swaps the forward for llmfast's kernels."""
 import torch
 
+from . import _checks
 from . import functional as F
 from ._errors import LlmfastTypeError, LlmfastValueError
 
@@ -110,6 +111,43 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     built with add_bias_kv or add_zero_attn.
     """
 
+    def _check_shapes(self, query, key, value, key_padding_mask, attn_mask):
+        """torch's shape rules for the fused path, as errors that name the argument (torch's
+        module raises for each of these too). Returns whether the input is batched."""
+        fn = "MultiheadAttention"
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            _checks.tensor(fn, name, t)
+        if query.dim() not in (2, 3):
+            raise LlmfastValueError(f"{fn}: query must be 2-D (L, E) or 3-D, got shape {tuple(query.shape)}")
+        batched = query.dim() == 3
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != query.dim():
+                raise LlmfastValueError(f"{fn}: {name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
+        for name, t, dim in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != dim:
+                raise LlmfastValueError(f"{fn}: {name}'s last dimension must be {dim}, got shape {tuple(t.shape)}")
+        seq_dim = 1 if batched and self.batch_first else 0
+        if key.shape[:-1] != value.shape[:-1]:
+            raise LlmfastValueError(f"{fn}: key and value must have the same batch and sequence sizes, got shapes "
+                                    f"{tuple(key.shape)} and {tuple(value.shape)}")
+        if batched and query.shape[1 - seq_dim] != key.shape[1 - seq_dim]:
+            raise LlmfastValueError(f"{fn}: query and key must have the same batch size, got shapes "
+                                    f"{tuple(query.shape)} and {tuple(key.shape)}")
+        L, S = query.shape[seq_dim], key.shape[seq_dim]
+        N = query.shape[1 - seq_dim] if batched else None
+        if key_padding_mask is not None:
+            expected = (N, S) if batched else (S,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise LlmfastValueError(f"{fn}: key_padding_mask must have shape {expected} ((batch, source length)"
+                                        f"{'' if batched else ' without the batch, for unbatched input'}), got "
+                                        f"{tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            heads = self.num_heads * (N if batched else 1)
+            if tuple(attn_mask.shape) not in ((L, S), (heads, L, S)):
+                raise LlmfastValueError(f"{fn}: attn_mask must have shape {(L, S)} or {(heads, L, S)} ((batch * "
+                                        f"num_heads, target length, source length)), got {tuple(attn_mask.shape)}")
+        return batched
+
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
@@ -121,7 +159,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
-        batched = query.dim() == 3
+        batched = self._check_shapes(query, key, value, key_padding_mask, attn_mask)
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
@@ -170,8 +208,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 _additive(~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0,
                                              is_causal=causal)
-        out = fl(out.transpose(1, 2).reshape(N, L, E), self.out_proj.weight, self.out_proj.bias)
-        if not batch_first:
+        # (N, H, L, hd) -> (L, N, E), projected: a contiguous (L, N, E) output, and for batch_first its
+        # (N, L, E) transposed view, the layouts torch's module returns.
+        out = fl(out.permute(2, 0, 1, 3).reshape(L, N, E), self.out_proj.weight, self.out_proj.bias)
+        if batch_first:
             out = out.transpose(0, 1)
         if not batched:
             out = out.squeeze(1)

@@ -784,9 +784,49 @@ def test_multihead_attention_is_drop_in(device, backend):
                                                               is not None else theirs.q_proj_weight))
         assert weights is None and w is not None
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{cfg}: {m}")
+        assert out.stride() == expected.stride(), f"{cfg}: torch's output layout"  # e.g. for out.view(-1, E)
         for a, e in zip(g, g_exp):
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4, msg=lambda m: f"{cfg} grad: {m}")
         torch.testing.assert_close(out_w, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_refuses_what_torch_refuses(batch_first):
+    """Masks and inputs of the wrong shape raise an error naming the argument (torch's module
+    raises for each too) rather than being reinterpreted by a view of the same size."""
+    torch.manual_seed(15)
+    E, H, L, S, N = 16, 4, 5, 7, 3
+    ours = llmfast.nn.MultiheadAttention(E, H, batch_first=batch_first, kdim=12)
+    theirs = torch.nn.MultiheadAttention(E, H, batch_first=batch_first, kdim=12)
+    ours.load_state_dict(theirs.state_dict())
+
+    def seq(length, dim, n=N):
+        return torch.randn(n, length, dim) if batch_first else torch.randn(length, n, dim)
+
+    q, k, v = seq(L, E), seq(S, 12), seq(S, E)
+    cases = [
+        (dict(key_padding_mask=torch.rand(S, N) > 0.5), "key_padding_mask"),  # (S, N) for (N, S): same size
+        (dict(key_padding_mask=torch.rand(N, S + 1) > 0.5), "key_padding_mask"),
+        (dict(attn_mask=torch.rand(N * H, S, L) > 0.5), "attn_mask"),  # transposed, same size
+        (dict(attn_mask=torch.rand(1, S) > 0.5), "attn_mask"),
+        (dict(attn_mask=torch.zeros(N, H, L, S)), "attn_mask"),
+        (dict(attn_mask=torch.zeros(N, L, S)), "attn_mask"),
+        (dict(key=seq(S + 1, 12)), "key and value"),
+        (dict(query=seq(L, E, N + 1)), "batch"),
+        (dict(query=seq(L, E + 1)), "query"),
+        (dict(key=seq(S, E)), "key"),
+        (dict(query=torch.randn(L, E)), "key"),  # unbatched query, batched key
+    ]
+    for kw, name in cases:
+        args = dict(query=q, key=k, value=v)
+        args.update({a: kw.pop(a) for a in ("query", "key", "value") if a in kw})
+        with pytest.raises(Exception):
+            theirs(**args, need_weights=False, **kw)
+        with pytest.raises((ValueError, TypeError), match=name):
+            ours(**args, need_weights=False, **kw)
+    out, _ = ours(q, k, v, need_weights=False, key_padding_mask=torch.rand(N, S) > 0.9,
+                  attn_mask=torch.zeros(N * H, L, S))
+    assert out.shape == (q.shape)
 
 
 @pytest.mark.parametrize("num_kv_heads", [None, 1])
