@@ -110,6 +110,7 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
             f"{fn}: normalized_shape {normalized_shape} must equal the last {k} dimension(s) of input, "
             f"whose shape is {tuple(shape)}"
         )
+    normalized_shape = shape[len(shape) - k:]  # the input's own ints (an equal (8.0,) or (True,) compares equal)
     if residual is not None:
         _check_residual(fn, input, residual)
     if weight is not None:
@@ -241,7 +242,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     gradient over the logits buffer (no (N, C) gradient allocation): the logits' contents are
     then garbage after the forward, so use it only when nothing else needs them (torch's version
     counter catches an autograd node that saved them). It only takes effect for a contiguous
-    2-D (N, C) input that needs a gradient; other inputs are copied to (N, C) first anyway.
+    2-D (N, C) input that needs a gradient; other inputs are copied to (N, C) first anyway. The
+    gradient is computed in the forward; for float16 logits it is kept in float32 (an (N, C)
+    float32 buffer) so that a loss scale reaches the unlikely classes' tiny entries before they
+    are rounded to float16, as in torch, except with inplace_backward (float16 in place: entries
+    below float16's range, p / N < 6e-8, are flushed to zero there).
 
     The loss is returned in the input's dtype (in float32 under torch.autocast, as torch's); it
     is accumulated in fp32 ('mean' divides by the
@@ -284,6 +289,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise LlmfastValueError(f"{fn}: input must have at least 1 dimension (C,), got a 0-d tensor")
     n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() >= 2 else ()
+    if input.dim() == 1 and tuple(target.shape) == (1,):
+        target = target.reshape(())  # torch takes a (1,) target for a (C,) input too (a 0-d loss)
     if tuple(target.shape) != expected:
         raise LlmfastValueError(
             f"{fn}: target must have shape {expected} for input of shape {tuple(input.shape)} "
@@ -327,6 +334,15 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     w1d = weight.contiguous() if weight is not None else None
     code = _REDUCTION_CODES[reduction]
     needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if needs_grad and inplace_backward and input.dim() != 2 and x2d.untyped_storage().data_ptr() == \
+            input.untyped_storage().data_ptr():
+        x2d = x2d.clone()  # only a 2-D input's own buffer takes the gradient (the documented contract)
+    if needs_grad and not inplace_backward and x2d.dtype == torch.float16:
+        # The kernels store the gradient at scale 1 in the logits' dtype; in float16 the entries
+        # of unlikely classes (p / N below 6e-8) would flush to zero before a loss scale
+        # (GradScaler) reaches them. In float32, autograd rounds the scaled gradient to float16
+        # once, as torch does (torch's float16 cross_entropy computes in float32 too).
+        x2d = x2d.float()
     options = (ignore_index, label_smoothing, z_loss, softcap)
 
     if backend == "triton":
@@ -565,6 +581,24 @@ _FAST_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FAST_ATTENTION_MAX_HEAD_DIM = min(_ops.attention.TRITON_MAX_HEAD_DIM, _ops.attention.CUDA_MAX_HEAD_DIM)
 
 
+def _in_query_layout(out, query):
+    """`out` (B, H, S, Dv), contiguous, in the memory order of a 4-D query's (B, H, S) dims, as
+    torch's fused CPU kernels (and cuDNN's) lay their output out: for the common (B, S, H, D)
+    projection viewed as (B, H, S, D), out.transpose(1, 2).view(B, S, H * Dv) then works as with
+    torch, and costs the copy that the usual .contiguous() / .reshape after it no longer makes.
+    Dims of size 1 keep their place."""
+    if query.dim() != 4 or out.dim() != 4:
+        return out
+    st, sz = query.stride(), query.shape
+    dims = [i for i in range(3) if sz[i] > 1]
+    if all(st[a] >= st[b] for a, b in zip(dims, dims[1:])):
+        return out  # already in (B, H, S) order
+    ordered = iter(sorted(dims, key=lambda i: -st[i]))
+    perm = [next(ordered) if sz[i] > 1 else i for i in range(3)] + [3]
+    inverse = [perm.index(i) for i in range(4)]
+    return out.permute(perm).contiguous().permute(inverse)
+
+
 def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
     """scaled_dot_product_attention's most common call, with little host time: plain 4-D
     (B, H, S, D) tensors of one kernel dtype and device, as many key as query heads (or, with
@@ -624,6 +658,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     - A query row whose keys are all masked gets output 0 and zero gradients (torch >= 2.5's
       math path agrees; older torch and some fused torch backends give NaN).
     - attn_mask and is_causal may be given together (torch refuses); both apply.
+    - The output has the query's memory layout (as torch's fused CPU kernels give it).
+    - A row masked entirely by a huge finite value (torch.finfo(dtype).min) gets torch's output
+      (the values' mean) but, as with torch's flash kernels, a wrong gradient: its logsumexp
+      m + log(l) rounds to m in float32. Boolean or -inf masks have no such limit.
     Extras (keyword-only):
     - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (-1 =
       unbounded on that side; combines with is_causal and attn_mask).
@@ -647,7 +685,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is None and window_size is None and softcap is None and return_lse is False:
         out = _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
-            return out
+            return _in_query_layout(out, query)
     fn = "scaled_dot_product_attention"
     if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
         # As torch's autocast does for this op: floating inputs (float64 aside), a float mask
@@ -763,9 +801,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             takes = backend == "cuda" and "triton" in available_backends() and _attention_gap("triton", *problem) is None
             backend = "triton" if takes else "reference"
     if backend == "reference":
-        return _reference.scaled_dot_product_attention(
+        result = _reference.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
             window_size=(left, right), softcap=softcap, return_lse=return_lse)
+        return (_in_query_layout(result[0], query), result[1]) if return_lse else _in_query_layout(result, query)
 
     if is_causal:  # causal is the band's right edge at the diagonal
         right = 0 if right < 0 else min(right, 0)
@@ -777,7 +816,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         backend, _as_4d(query), _as_4d(key), _as_4d(value), mask4,
         float(scale) if scale is not None else 1.0 / math.sqrt(d), left, right,
         softcap if softcap is not None else 0.0, dropout_p, seed)
-    out = out.view(*query.shape[:-1], value.shape[-1])
+    out = _in_query_layout(out.view(*query.shape[:-1], value.shape[-1]), query)
     if return_lse:
         return out, lse.view(query.shape[:-1])
     return out

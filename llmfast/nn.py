@@ -1,6 +1,14 @@
 """Drop-in modules: each subclasses the torch module it replaces (same constructor, defaults,
-parameters and state_dict) and only swaps the forward for llmfast's kernels."""
+parameters and state_dict) and only swaps the forward for llmfast's kernels.
+
+Under torch.jit.script the modules run torch's own implementation (TorchScript compiles only
+the `torch.jit.is_scripting()` branch of each forward; llmfast's Python dispatch is not
+TorchScript), so scripted models keep working after the swap; torch.jit.trace and
+torch.compile record llmfast's kernels."""
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _checks
 from . import functional as F
@@ -13,14 +21,18 @@ __all__ = ["LayerNorm", "RMSNorm", "CrossEntropyLoss", "LinearCrossEntropyLoss",
 class LayerNorm(torch.nn.LayerNorm):
     """torch.nn.LayerNorm running llmfast's fused kernels."""
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return torch.nn.functional.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm running llmfast's fused kernels."""
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return torch.nn.functional.rms_norm(input, self.normalized_shape, self.weight, self.eps)
         return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
@@ -37,7 +49,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.process_group = process_group
 
-    def forward(self, input, target):
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return torch.nn.functional.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                                     reduction=self.reduction, label_smoothing=self.label_smoothing)
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
                                process_group=self.process_group)
@@ -148,8 +163,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                         f"num_heads, target length, source length)), got {tuple(attn_mask.shape)}")
         return batched
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if torch.jit.is_scripting():  # torch's computation (super() is not TorchScript)
+            batch_first = self.batch_first and query.dim() == 3
+            if batch_first:
+                query, key, value = query.transpose(1, 0), key.transpose(1, 0), value.transpose(1, 0)
+            out, weights = torch.nn.functional.multi_head_attention_forward(
+                query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+                self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+                training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, use_separate_proj_weight=not self._qkv_same_embed_dim,
+                q_proj_weight=self.q_proj_weight, k_proj_weight=self.k_proj_weight, v_proj_weight=self.v_proj_weight,
+                average_attn_weights=average_attn_weights, is_causal=is_causal)
+            return (out.transpose(1, 0) if batch_first else out), weights
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
                 raise LlmfastTypeError(f"MultiheadAttention: {name} must be a bool or floating tensor (as in torch), "
@@ -246,7 +274,7 @@ class CausalSelfAttention(torch.nn.Module):
         self.c_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.resid_dropout = torch.nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.c_attn(x).view(B, T, H + 2 * Hkv, hd)
@@ -254,8 +282,12 @@ class CausalSelfAttention(torch.nn.Module):
         q = qkv[:, :, :H].transpose(1, 2)
         k = qkv[:, :, H:H + Hkv].transpose(1, 2)
         v = qkv[:, :, H + Hkv:].transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True,
-                                           enable_gqa=Hkv != H)
+        p = self.dropout if self.training else 0.0
+        if torch.jit.is_scripting():
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                                 enable_gqa=Hkv != H)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=Hkv != H)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, self.embed_dim)))
 
     def extra_repr(self):

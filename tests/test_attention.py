@@ -31,6 +31,8 @@ from llmfast.reference.attention import attention as reference_attention
 
 KERNEL_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
                  if b in ("cuda", "triton", "cpu")]
+NN_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
+             if b in ("cuda", "triton", "cpu", "reference")]
 ALL_DTYPES = [torch.float16, torch.float32, torch.bfloat16]
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 DTYPE_IDS = lambda d: str(d).replace("torch.", "")  # noqa: E731
@@ -275,6 +277,35 @@ def test_non_contiguous_views_of_fused_qkv(device, backend, poison):
         want = torch.autograd.grad(expected, (qkv, key), g)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "sbhd", "bhsd"])
+@pytest.mark.parametrize("device,backend", NN_PARAMS)
+def test_output_follows_the_query_layout(device, backend, layout):
+    """As torch's fused CPU kernels: the output has the query's memory order, so a (B, S, H, D)
+    projection's attention output transposes back to a view (no copy), through the fast path
+    and the general one (mask, return_lse); values and gradients unchanged."""
+    torch.manual_seed(16)
+    B, H, S, D = 2, 3, 9, 16
+    perm = {"bshd": (0, 2, 1, 3), "sbhd": (1, 2, 0, 3), "bhsd": (0, 1, 2, 3)}[layout]
+    shape = [(B, H, S, D)[i] for i in perm]
+    q, k, v = (torch.randn(shape, device=device).permute(*[perm.index(i) for i in range(4)]).requires_grad_()
+               for _ in range(3))
+    mask = torch.rand(S, S, device=device) > 0.2
+    mask[:, 0] = True
+    theirs = torch.nn.functional.scaled_dot_product_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu())
+    with llmfast.use_backend(backend):
+        outs = [LF.scaled_dot_product_attention(q, k, v, is_causal=True),
+                LF.scaled_dot_product_attention(q, k, v, mask, return_lse=True)[0]]
+    for out, kw in zip(outs, [dict(is_causal=True), dict(attn_mask=mask)]):
+        assert out.stride() == theirs.stride()
+        if layout == "bshd":
+            out.transpose(1, 2).view(B, S, H * D)  # raises for another layout
+        expected = llmfast.reference.scaled_dot_product_attention(q, k, v, **kw)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        g = torch.randn(B, H, S, D, device=device)
+        for a, e in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expected, (q, k, v), g)):
+            torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
@@ -714,8 +745,6 @@ def test_torch_compile_fullgraph(device, backend):
 
 
 # --- nn modules -------------------------------------------------------------------------------
-NN_PARAMS = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends_for(d)
-             if b in ("cuda", "triton", "cpu", "reference")]
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's, for config 5

@@ -294,6 +294,48 @@ def test_inplace_backward(device, backend, poison):
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] != "reference"])
+def test_inplace_backward_leaves_other_inputs_alone(device, backend):
+    """Only a 2-D (N, C) input's own buffer takes the gradient; (C,) and (N, C, 1) inputs, whose
+    (N, C) form is a view of the caller's tensor, are copied first (the documented contract)."""
+    torch.manual_seed(23)
+    for shape, t_shape in [((7,), ()), ((7,), (1,)), ((3, 7, 1), (3, 1)), ((3, 7, 2), (3, 2))]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        before = x.detach().clone()
+        t = torch.randint(0, 7, t_shape, device=device)
+        with llmfast.use_backend(backend):
+            loss = LF.cross_entropy(x, t, inplace_backward=True)
+        loss.backward()
+        assert torch.equal(x.detach(), before), shape
+        x2 = before.clone().requires_grad_()
+        expected = torch.nn.functional.cross_entropy(x2, t.reshape(()) if t_shape == (1,) else t)
+        expected.backward()  # (torch's backward refuses the (1,) target its forward takes)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_float16_gradient_survives_a_loss_scale(device, backend):
+    """float16 logits under autocast with a GradScaler-style loss scale: the unlikely classes'
+    tiny gradient entries survive as in torch (the scaled gradient is rounded to float16 once),
+    rather than being flushed to zero before the scale arrives."""
+    torch.manual_seed(24)
+    N, C, scale = 512, 64, 65536.0
+    x = (torch.randn(N, C, device=device) * 4).half()
+    t = torch.randint(0, C, (N,), device=device)
+    grads = []
+    for use_llmfast in (True, False):
+        xx = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.float16), llmfast.use_backend(backend):
+            loss = LF.cross_entropy(xx, t) if use_llmfast else torch.nn.functional.cross_entropy(xx, t)
+        (loss * scale).backward()
+        grads.append(xx.grad)
+    ours, theirs = grads
+    assert (theirs != 0).sum() > 0.95 * theirs.numel()
+    assert ((ours == 0) & (theirs != 0)).sum() <= 0.001 * theirs.numel()
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=2e-3)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] != "reference"])
 def test_inplace_backward_detects_saved_logits(device, backend):
     """Logits that another node saved for its backward (tanh saves its output) must not be
     overwritten: torch's version counter turns the broken contract into an error."""

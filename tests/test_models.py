@@ -135,6 +135,19 @@ def test_gpt_rejects_too_long_sequence():
         GPT(cfg)(torch.zeros(1, cfg.block_size + 1, dtype=torch.long))
 
 
+def test_gpt_crop_block_size_leaves_a_shared_config_alone():
+    """Cropping one model shortens its context only: another model built from the same config
+    keeps the full block size, and later models are built with it."""
+    cfg = _gpt_config(n_layer=1)
+    a, b = GPT(cfg), GPT(cfg)
+    a.crop_block_size(8)
+    assert a.config.block_size == 8 and a.transformer.wpe.weight.shape[0] == 8
+    assert cfg.block_size == b.config.block_size == 16
+    b(torch.zeros(1, 12, dtype=torch.long))  # within b's context
+    with pytest.raises(ValueError, match="block_size"):
+        a(torch.zeros(1, 12, dtype=torch.long))
+
+
 def test_gpt_training_lowers_loss():
     cfg = _gpt_config()
     torch.manual_seed(0)

@@ -227,3 +227,31 @@ def test_linear_cross_entropy_loss_explains_its_api():
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, -1, 3, 9])
     torch.testing.assert_close(loss_fn(h, w, t), F.cross_entropy(h @ w.T, t, ignore_index=-1, reduction="sum"),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_modules_script_with_torch_jit():
+    """torch.jit.script of a model holding llmfast's modules works, as with torch's (the scripted
+    forward runs torch's implementation) and gives torch's results."""
+    torch.manual_seed(30)
+    cases = [
+        (llmfast.nn.LayerNorm(8), torch.nn.LayerNorm(8), (_rand(3, 8),)),
+        (llmfast.nn.RMSNorm(8), torch.nn.RMSNorm(8), (_rand(3, 8),)),
+        (llmfast.nn.CrossEntropyLoss(label_smoothing=0.1), torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+         (_rand(4, 5), torch.tensor([0, 4, -100, 2]))),
+    ]
+    for batch_first in (False, True):
+        x = _rand(5, 3, 8)
+        cases.append((llmfast.nn.MultiheadAttention(8, 2, batch_first=batch_first),
+                      torch.nn.MultiheadAttention(8, 2, batch_first=batch_first), (x, x, x)))
+    for ours, theirs, inputs in cases:
+        ours.load_state_dict(theirs.state_dict())
+        scripted = torch.jit.script(torch.nn.Sequential(ours) if len(inputs) == 1 else ours)
+        got, want = scripted(*inputs), theirs(*inputs)
+        for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            torch.testing.assert_close(a, b)
+        if isinstance(ours, torch.nn.MultiheadAttention):
+            torch.testing.assert_close(scripted(*inputs, need_weights=False)[0], ours(*inputs, need_weights=False)[0])
+    block = llmfast.nn.CausalSelfAttention(8, 2, num_kv_heads=1).eval()
+    x = _rand(2, 5, 8)
+    torch.testing.assert_close(torch.jit.script(block)(x), block(x))

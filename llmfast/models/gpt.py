@@ -23,7 +23,7 @@ autocast model) and the loss's projection runs in the autocast dtype (see _commo
 """
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -136,7 +136,7 @@ class GPT(nn.Module):
         """Shrinks the model's context (e.g. a pretrained 1024 down to 256), as nanoGPT."""
         if block_size > self.config.block_size:
             raise ValueError(f"GPT.crop_block_size: {block_size} > block_size {self.config.block_size}")
-        self.config.block_size = block_size
+        self.config = replace(self.config, block_size=block_size)  # a copy: other models may share the config
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
