@@ -473,7 +473,8 @@ def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, 
     if backend == "reference":
         return _reference.linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index,
                                                reduction=reduction, label_smoothing=label_smoothing,
-                                               z_loss=z_loss, softcap=softcap)
+                                               z_loss=z_loss, softcap=softcap,
+                                               out_dtype=torch.promote_types(input.dtype, torch.float32))
     if backend == "triton":
         ops = (torch.ops.llmfast.triton_cross_entropy_fwd, torch.ops.llmfast.triton_cross_entropy_fwd_inplace,
                torch.ops.llmfast.triton_cross_entropy_scale_grad_)

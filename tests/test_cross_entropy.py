@@ -721,6 +721,15 @@ def test_linear_cross_entropy_under_autocast(device, backend, reduction):
             if a is not None and a.requires_grad:
                 assert a.grad.dtype == torch.float32
                 torch.testing.assert_close(a.grad, r.grad, atol=3e-2, rtol=3e-2)
+    if reduction == "mean":
+        # float16 with a GradScaler-style loss scale: the float32 loss carries it to finite
+        # gradients, as torch's (a loss rounded to float16 first would turn the scale into inf).
+        xs, Ws = x.clone().requires_grad_(), W.clone().requires_grad_()
+        with torch.autocast(device, dtype=torch.float16), llmfast.use_backend(backend):
+            loss = LF.linear_cross_entropy(xs, Ws, t)
+        assert loss.dtype == torch.float32
+        (loss * 65536.0).backward()
+        assert xs.grad.isfinite().all() and Ws.grad.isfinite().all()
 
 
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[1] != "reference"])

@@ -121,11 +121,12 @@ def cross_entropy_probs(input, target, weight=None, reduction="mean", label_smoo
 
 
 def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None):
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, out_dtype=None):
     """cross_entropy(input @ weight.T + bias, target, ...) over the last dimension of `input`
     (..., D), with `weight` (V, D) the output projection; target has input's leading shape.
     The logits are computed in float32 (float64 for float64 input) and not rounded to the input
-    dtype. No class weights: `weight` is the projection."""
+    dtype. No class weights: `weight` is the projection. The loss is returned in `out_dtype`
+    (default: input's dtype)."""
     acc = _acc_dtype(input.dtype)
     logits = torch.nn.functional.linear(input.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None)
     logits = logits.reshape(-1, weight.shape[0])
@@ -133,4 +134,4 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
                          z_loss=z_loss, softcap=softcap)
     if reduction == "none":
         loss = loss.reshape(target.shape)
-    return loss.to(input.dtype)
+    return loss.to(out_dtype or input.dtype)
