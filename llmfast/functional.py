@@ -172,11 +172,15 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, bias=None):
 
 def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Pre-norm block step in one pass: returns (layer_norm(input + residual), input + residual)."""
+    if residual is None:
+        _checks.tensor("add_layer_norm", "residual", residual)  # raises (layer_norm takes no residual)
     return _norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, rms=False)
 
 
 def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, bias=None):
     """Pre-norm block step in one pass: returns (rms_norm(input + residual), input + residual)."""
+    if residual is None:
+        _checks.tensor("add_rms_norm", "residual", residual)  # raises (rms_norm takes no residual)
     return _norm("add_rms_norm", input, residual, normalized_shape, weight, bias, eps, rms=True)
 
 

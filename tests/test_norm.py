@@ -357,6 +357,8 @@ def test_bad_input_names_the_argument(device, backend):
         (lambda: LF.layer_norm(x.half(), (16,), torch.randn(16, device=device, dtype=torch.bfloat16)), "weight"),
         (lambda: LF.add_layer_norm(x, torch.randn(4, 15, device=device), (16,)), "residual"),
         (lambda: LF.add_rms_norm(x, x.half(), (16,)), "residual"),
+        (lambda: LF.add_layer_norm(x, None, (16,)), "residual"),
+        (lambda: LF.add_rms_norm(x, None, (16,)), "residual"),
         (lambda: LF.rms_norm(x, (16,), eps="1e-5"), "eps"),  # (a negative eps is allowed, as in torch)
     ]
     if torch.cuda.is_available():
