@@ -11,12 +11,14 @@ Backends:
 measured on an H100 (AUTO_CUDA below, numbers in benchmarks/results/), and `cpu` for CPU
 tensors. float64 inputs always take the reference path (no kernel is built for them).
 
-The state is plain module globals read at call time, so torch.compile traces straight
-through the choice (and guards on it) instead of breaking the graph.
+The state is read at call time (LLMFAST_BACKEND, and use_backend's per-thread stack), so
+torch.compile traces straight through the choice (and guards on it) instead of breaking the
+graph.
 """
 import contextlib
 import importlib.util
 import os
+import threading
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -52,7 +54,9 @@ _CUDA_RUNTIME = torch.cuda.is_available()
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_forced = []  # stack of names pushed by use_backend()
+# Per-thread stacks of names pushed by use_backend(): a `with` block in one thread does not
+# change what another thread runs (torch.compile guards on the calling thread's stack).
+_local = threading.local()
 _default = os.environ.get("LLMFAST_BACKEND", "auto").strip().lower() or "auto"
 
 
@@ -121,16 +125,20 @@ def use_backend(name):
     _check_name(name, "use_backend")
     if name != "auto" and not _usable(name):
         raise BackendUnavailableError(f"use_backend({name!r}): backend unavailable: {_why_unavailable(name)}")
-    _forced.append(name)
+    stack = getattr(_local, "forced", None)
+    if stack is None:
+        stack = _local.forced = []
+    stack.append(name)
     try:
         yield
     finally:
-        _forced.pop()
+        stack.pop()
 
 
 def current_backend():
     """The backend name in force: a forced one, else LLMFAST_BACKEND, else 'auto'."""
-    return _forced[-1] if _forced else _default
+    stack = getattr(_local, "forced", None)
+    return stack[-1] if stack else _default
 
 
 def resolve(op, device, dtype):
@@ -138,7 +146,10 @@ def resolve(op, device, dtype):
     transforms (vmap, grad, jacrev, ...) and forward-mode AD (torch.autograd.forward_ad dual
     levels) every op takes the reference path, whose plain torch ops support them (the kernels'
     autograd Functions do not: they would drop the tangents)."""
-    name = _forced[-1] if _forced else _default
+    stack = getattr(_local, "forced", None)
+    name = stack[-1] if stack else _default
+    if name != "auto" and name not in BACKENDS:  # (a bad LLMFAST_BACKEND fails every call, not some)
+        _check_name(name, "LLMFAST_BACKEND")
     if dtype not in _KERNEL_DTYPES:
         return "reference"
     if not torch.compiler.is_compiling() and (
@@ -155,7 +166,6 @@ def resolve(op, device, dtype):
         if device.type == "cpu" and _usable("cpu"):
             return "cpu"
         return "reference"
-    _check_name(name, "LLMFAST_BACKEND")
     if name == "reference":
         return name
     if not _usable(name):

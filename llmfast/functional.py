@@ -27,6 +27,12 @@ __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "cross_en
            "scaled_dot_product_attention"]
 
 
+def _autocast_enabled(device_type):
+    """torch.is_autocast_enabled for device types that have an autocast ('meta' tensors, for
+    shape inference, have none: torch raises there)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 # --- normalization ------------------------------------------------------------------------------
 def _check_param(fn, name, param, normalized_shape, input, rms):
     if not isinstance(param, torch.Tensor):
@@ -96,7 +102,7 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
     The checks are ordered so the common, valid call pays for few of them (this runs on every
     call of every norm layer)."""
     if (isinstance(input, torch.Tensor) and input.device.type in _NORM_FP32_AUTOCAST_DEVICES
-            and torch.is_autocast_enabled(input.device.type)):
+            and _autocast_enabled(input.device.type)):
         return _norm_under_autocast(fn, input, residual, normalized_shape, weight, bias, eps, rms)
     if not isinstance(input, torch.Tensor) or input.dtype not in _checks.FLOATING:
         if not (rms and isinstance(input, torch.Tensor) and input.is_complex()):  # torch's rms_norm takes complex
@@ -126,7 +132,7 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
     eps = float(eps)  # any value, as torch (a negative one is the caller's business)
 
     backend = resolve("norm", input.device, input.dtype)
-    if shape.numel() == 0 or not _params_fit_kernels(input, weight, bias):
+    if input.numel() == 0 or not _params_fit_kernels(input, weight, bias):
         backend = "reference"  # nothing to normalize, or parameter dtypes the kernels do not take
     if backend == "reference":
         if rms:
@@ -321,7 +327,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
     backend = resolve("cross_entropy", input.device, input.dtype)
     if backend == "reference":
-        if torch.is_autocast_enabled(input.device.type) and input.dtype in (torch.float16, torch.bfloat16):
+        if _autocast_enabled(input.device.type) and input.dtype in (torch.float16, torch.bfloat16):
             input = input.float()  # torch's autocast runs cross_entropy in float32
         return _reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                                         z_loss=z_loss, softcap=softcap)
@@ -368,7 +374,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         loss, _, _ = fwd(x2d, t1d, w1d, code, *options, needs_grad)
     if code == 0:
         loss = loss.view(target.shape)
-    if torch.is_autocast_enabled(input.device.type):
+    if _autocast_enabled(input.device.type):
         return loss.to(torch.float32)  # torch's autocast runs cross_entropy in float32
     return loss.to(input.dtype)
 
@@ -417,7 +423,7 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
     fn = "linear_cross_entropy"
     _checks.floating(fn, "input", input)
     _checks.floating(fn, "weight", weight)
-    if torch.is_autocast_enabled(input.device.type):
+    if _autocast_enabled(input.device.type):
         # As torch.nn.functional.linear then cross_entropy under autocast: the projection runs
         # in the autocast dtype (input, weight and bias cast to it; autograd casts the gradients
         # back) and the loss comes back in float32. Autocast is off inside: the chunked matmuls
@@ -598,7 +604,15 @@ def _in_query_layout(out, query):
     dims = [i for i in range(3) if sz[i] > 1]
     if all(st[a] >= st[b] for a, b in zip(dims, dims[1:])):
         return out  # already in (B, H, S) order
-    ordered = iter(sorted(dims, key=lambda i: -st[i]))
+    # Order the dims by decreasing stride with plain comparisons (an insertion sort: at most 3
+    # dims), which torch.compile can trace on symbolic strides, unlike sorted(key=...).
+    ordered = []
+    for d in dims:
+        at = len(ordered)
+        while at > 0 and st[ordered[at - 1]] < st[d]:
+            at -= 1
+        ordered.insert(at, d)
+    ordered = iter(ordered)
     perm = [next(ordered) if sz[i] > 1 else i for i in range(3)] + [3]
     inverse = [perm.index(i) for i in range(4)]
     return out.permute(perm).contiguous().permute(inverse)
@@ -638,7 +652,7 @@ def _sdpa_fast(query, key, value, dropout_p, is_causal, scale, enable_gqa):
         scale = 1.0 / math.sqrt(D)
     elif type(scale) is not float or not math.isfinite(scale):
         return None
-    if torch.is_autocast_enabled(device.type) or torch.compiler.is_compiling():
+    if _autocast_enabled(device.type) or torch.compiler.is_compiling():
         return None
     backend = resolve("attention", device, dtype)
     if backend == "reference":
@@ -692,7 +706,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if out is not None:
             return _in_query_layout(out, query)
     fn = "scaled_dot_product_attention"
-    if isinstance(query, torch.Tensor) and torch.is_autocast_enabled(query.device.type):
+    if isinstance(query, torch.Tensor) and _autocast_enabled(query.device.type):
         # As torch's autocast does for this op: floating inputs (float64 aside), a float mask
         # included, in the autocast dtype; autocast is off inside.
         dt = torch.get_autocast_dtype(query.device.type)

@@ -308,6 +308,26 @@ def test_output_follows_the_query_layout(device, backend, layout):
             torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device,backend", NN_PARAMS)
+def test_query_layout_compiles_with_dynamic_shapes(device, backend):
+    """The layout rule traces under torch.compile(fullgraph=True, dynamic=True) (symbolic
+    strides), for two sequence lengths, with eager's values and layout."""
+    torch._dynamo.reset()
+
+    def f(x):
+        B, S, _ = x.shape
+        q = x.view(B, S, 2, 8).transpose(1, 2)
+        return LF.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for S in (5, 9):
+        x = torch.randn(2, S, 16, device=device)
+        with llmfast.use_backend(backend):
+            got, want = compiled(x), f(x)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.stride() == want.stride()
+
+
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 @pytest.mark.parametrize("Sq", [1, 2, 3, 16, 17])
 def test_few_queries_read_cache_views(device, backend, Sq, poison):

@@ -512,6 +512,37 @@ def test_llmfast_backend_environment_variable():
     env = dict(os.environ, LLMFAST_BACKEND="reference")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "reference"
+    # A misspelt name fails every call with an error naming the variable, float64 ones included
+    # (those never reach a kernel, so they used to run on silently).
+    code = ("import torch, llmfast.functional as LF\n"
+            "try:\n    LF.layer_norm(torch.randn(2, 4, dtype=torch.float64), (4,))\n"
+            "except ValueError as e:\n    print(e)")
+    env = dict(os.environ, LLMFAST_BACKEND="trition")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "LLMFAST_BACKEND" in out.stdout and "trition" in out.stdout
+
+
+def test_use_backend_is_per_thread():
+    """A use_backend block in one thread does not change another thread's backend, and each
+    thread gets its own back when its block ends."""
+    import threading
+    seen = {}
+    entered = threading.Barrier(2)
+
+    def worker(name, backend):
+        with llmfast.use_backend(backend):
+            entered.wait(timeout=10)  # both blocks are open now
+            seen[name] = llmfast.current_backend()
+            entered.wait(timeout=10)
+        seen[name + " after"] = llmfast.current_backend()
+
+    threads = [threading.Thread(target=worker, args=(n, b)) for n, b in (("a", "reference"), ("b", "cpu"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen == {"a": "reference", "b": "cpu", "a after": "auto", "b after": "auto"}, seen
+    assert llmfast.current_backend() == "auto"
 
 
 def test_auto_skips_cuda_kernels_the_gpu_cannot_run(monkeypatch):

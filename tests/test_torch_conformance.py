@@ -255,3 +255,40 @@ def test_modules_script_with_torch_jit():
     block = llmfast.nn.CausalSelfAttention(8, 2, num_kv_heads=1).eval()
     x = _rand(2, 5, 8)
     torch.testing.assert_close(torch.jit.script(block)(x), block(x))
+
+
+def test_per_sample_gradients_and_fake_and_meta_tensors():
+    """torch.func.vmap over cross_entropy (per-sample gradients), FakeTensorMode with float64
+    (the reference path) and 'meta' tensors give torch's shapes: the reference's host-side range
+    check and the autocast query must not touch values or devices that have none."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.func import grad, vmap
+    x, t = _rand(4, 3, 5), torch.randint(0, 5, (4, 3))
+    torch.testing.assert_close(vmap(grad(LF.cross_entropy))(x, t), vmap(grad(F.cross_entropy))(x, t))
+    torch.testing.assert_close(vmap(LF.cross_entropy)(x, t), vmap(F.cross_entropy)(x, t))
+    with FakeTensorMode():
+        assert LF.cross_entropy(torch.randn(3, 5, dtype=torch.float64), torch.tensor([1, 4, 0])).shape == ()
+    xm, tm = torch.randn(3, 5, device="meta"), torch.zeros(3, dtype=torch.long, device="meta")
+    assert LF.cross_entropy(xm, tm).shape == F.cross_entropy(xm, tm).shape
+    assert LF.linear_cross_entropy(torch.randn(3, 4, device="meta"), torch.randn(5, 4, device="meta"), tm).shape == ()
+    q = torch.randn(1, 2, 3, 4, device="meta")
+    assert LF.scaled_dot_product_attention(q, q, q).shape == q.shape
+
+
+def test_linear_cross_entropy_under_inference_mode():
+    """Inference tensors (no version counter) as targets, e.g. a validation loss in
+    torch.inference_mode(): torch's value, no error."""
+    x, W = _rand(4, 6), _rand(7, 6, seed=1)
+    with torch.inference_mode():
+        t = torch.tensor([0, 5, 1, 2])
+        torch.testing.assert_close(LF.linear_cross_entropy(x, W, t), F.cross_entropy(x @ W.T, t))
+
+
+def test_norms_export_with_dynamic_dims():
+    """torch.export (non-strict) of llmfast's norm modules with dynamic batch and sequence dims,
+    as torch's: the empty-input test must not specialize the symbolic sizes."""
+    b, s = torch.export.Dim("b", min=2, max=64), torch.export.Dim("s", min=2, max=64)
+    for module in (llmfast.nn.LayerNorm(16), llmfast.nn.RMSNorm(16)):
+        ep = torch.export.export(module, (_rand(2, 5, 16),), dynamic_shapes=({0: b, 1: s},))
+        x = _rand(3, 7, 16, seed=2)
+        torch.testing.assert_close(ep.module()(x), module(x))

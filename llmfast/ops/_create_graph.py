@@ -61,7 +61,9 @@ class InputRefs:
 
     def __init__(self, op, **tensors):
         self.op = op
-        self.refs = {name: None if t is None else (weakref.ref(t), t._version) for name, t in tensors.items()}
+        # (inference tensors have no version counter, and no autograd graph can use them anyway)
+        self.refs = {name: None if t is None else (weakref.ref(t), None if t.is_inference() else t._version)
+                     for name, t in tensors.items()}
 
     def get(self):
         """The inputs by name; raises RuntimeError if one was freed or modified in place."""
@@ -77,7 +79,7 @@ class InputRefs:
                     f"gradient from the forward's inputs, but '{name}' has been freed (the fused kernel does not "
                     f"keep it, to save memory); keep a reference to it until then, or use "
                     f"llmfast.use_backend('reference') for this computation")
-            if t._version != ref[1]:
+            if ref[1] is not None and t._version != ref[1]:
                 raise RuntimeError(
                     f"llmfast {self.op}: a backward with create_graph=True (double backward) recomputes the "
                     f"gradient from the forward's inputs, but '{name}' was modified in place after the forward")

@@ -28,12 +28,21 @@ Computed in float32 (float64 for float64 input), returned in the input's dtype. 
 [0, C) that are not ignore_index raise IndexError on the CPU (as torch's nll_loss).
 """
 import torch
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 _REDUCTIONS = ("none", "mean", "sum")
 
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _values_readable(t):
+    """Whether the target's values can be read on the host for the range check: a real CPU
+    tensor outside torch.compile, torch.func transforms (vmap, grad) and fake-tensor tracing.
+    Elsewhere an out-of-range target fails in the gather instead."""
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active() and not _is_fake(t))
 
 
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean",
@@ -53,7 +62,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     lse = torch.logsumexp(x2, dim=-1)
     logp = torch.log_softmax(x2, dim=-1)  # (not x2 - lse: a +inf logit makes the row NaN, as in torch)
     valid = t != ignore_index
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _values_readable(t):
         bad = valid & ((t < 0) | (t >= n_classes))
         if bool(bad.any()):  # IndexError, as torch's nll_loss on the CPU
             raise IndexError(f"cross_entropy: target {int(t[bad][0])} is out of range: targets must be in "
