@@ -274,7 +274,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         V = weight.shape[0]
         opts = (ignore_index, label_smoothing, z_loss, softcap)
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
-        eager_grads = reduction != 0 and (need_x or need_w or need_b)
+        # (torch.export records the forward only: gradients made there would be graph outputs
+        # written by out= matmuls, which an exported module cannot differentiate through)
+        eager_grads = reduction != 0 and (need_x or need_w or need_b) and not torch.compiler.is_exporting()
         valid = (target != ignore_index) & (target >= 0) & (target < V)
         if reduction == 1:
             count = valid.sum(dtype=torch.float32)
