@@ -678,8 +678,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       math path agrees; older torch and some fused torch backends give NaN).
     - attn_mask and is_causal may be given together (torch refuses); both apply.
     - The output has the query's memory layout (as torch's fused CPU kernels give it).
-    - A row masked entirely by a huge finite value (torch.finfo(dtype).min) gets torch's output
-      (the values' mean) but, as with torch's flash kernels, a wrong gradient: its logsumexp
+    - A row masked entirely by a huge finite value (torch.finfo(torch.float32).min) gets
+      torch's output (the values' mean) but, as with torch's flash kernels, a wrong gradient: its logsumexp
       m + log(l) rounds to m in float32. Boolean or -inf masks have no such limit.
     Extras (keyword-only):
     - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (-1 =
