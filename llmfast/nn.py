@@ -193,14 +193,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         # Unbatched inputs are (L, E), made (L, 1, E) above: sequence-first whatever batch_first says,
-        # as in torch.
+        # as in torch. Everything runs sequence-first, (L, N, E), as torch's module does: then the
+        # attention output's memory (the query's order, see scaled_dot_product_attention) is
+        # already (L, N, H, hd), the out projection's input needs no copy, and its output has
+        # torch's layout.
         batch_first = self.batch_first and batched
-        if batch_first:  # (N, L, E)
-            q_in, k_in, v_in = query, key, value
-        else:  # (L, N, E)
+        if batch_first:  # (N, L, E) views as (L, N, E)
             q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        N, L, E = q_in.shape
-        S = k_in.shape[1]
+        else:
+            q_in, k_in, v_in = query, key, value
+        L, N, E = q_in.shape
+        S = k_in.shape[0]
         H, hd = self.num_heads, self.head_dim
         fl = torch.nn.functional.linear
         b = self.in_proj_bias
@@ -215,10 +218,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             q = fl(q_in, self.q_proj_weight, b_q)
             k = fl(k_in, self.k_proj_weight, b_k)
             v = fl(v_in, self.v_proj_weight, b_v)
-        # (N, L, E) -> (N, H, L, hd) views: the kernels take the strides as they are.
-        q = q.view(N, L, H, hd).transpose(1, 2)
-        k = k.view(N, S, H, hd).transpose(1, 2)
-        v = v.view(N, S, H, hd).transpose(1, 2)
+        # (L, N, E) -> (N, H, L, hd) views: the kernels take the strides as they are.
+        q = q.reshape(L, N, H, hd).permute(1, 2, 0, 3)
+        k = k.reshape(S, N, H, hd).permute(1, 2, 0, 3)
+        v = v.reshape(S, N, H, hd).permute(1, 2, 0, 3)
 
         causal = is_causal and key_padding_mask is None
         if causal:
@@ -236,8 +239,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 _additive(~key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0,
                                              is_causal=causal)
-        # (N, H, L, hd) -> (L, N, E), projected: a contiguous (L, N, E) output, and for batch_first its
-        # (N, L, E) transposed view, the layouts torch's module returns.
+        # (N, H, L, hd) -> (L, N, E) (a view), projected: a contiguous (L, N, E) output, and for
+        # batch_first its (N, L, E) transposed view, the layouts torch's module returns.
         out = fl(out.permute(2, 0, 1, 3).reshape(L, N, E), self.out_proj.weight, self.out_proj.bias)
         if batch_first:
             out = out.transpose(0, 1)
