@@ -753,6 +753,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         key = key.repeat_interleave(hq // hkv, dim=-3)
         value = value.repeat_interleave(hq // hv, dim=-3)
         hkv = hv = hq
+    if hv != hkv and 1 in (hv, hkv) and value.shape[-2] == sk and value.dim() >= 3 and key.dim() >= 3:
+        # one key (or value) head against several value (or key) heads: broadcast, as torch's
+        # matmuls do (an expanded view; autograd sums the gradient back)
+        if hkv == 1:
+            key = key.expand(*key.shape[:-3], hv, *key.shape[-2:])
+            hkv = hv
+        else:
+            value = value.expand(*value.shape[:-3], hkv, *value.shape[-2:])
+            hv = hkv
     if hv != hkv or value.shape[-2] != sk:
         raise LlmfastValueError(f"{fn}: value must have key's heads and length (..., {hkv}, {sk}, Dv), got "
                                 f"shape {tuple(value.shape)}")

@@ -522,6 +522,19 @@ def test_batch_and_head_broadcasting_as_torch(device, backend):
         g = torch.randn_like(ref)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g.to(out.dtype)), torch.autograd.grad(ref, (q, k, v), g)):
             torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=2e-4)
+    # Key and value head counts that differ, one of them 1, broadcast too (torch's matmuls do),
+    # without enable_gqa.
+    for heads in [(3, 1, 3), (3, 3, 1), (1, 1, 3), (1, 3, 1)]:
+        torch.manual_seed(zlib.crc32(repr(heads).encode()))
+        q, k, v = (torch.randn(2, h, s, 16, device=device, requires_grad=True) for h, s in zip(heads, (5, 6, 6)))
+        with llmfast.use_backend(backend):
+            out = LF.scaled_dot_product_attention(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(*(t.double() for t in (q, k, v)))
+        assert out.shape == ref.shape, heads
+        torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=2e-4)
+        g = torch.randn_like(ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g.to(out.dtype)), torch.autograd.grad(ref, (q, k, v), g)):
+            torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=2e-4)
 
 
 # --- backend choice and bad input -------------------------------------------------------------
