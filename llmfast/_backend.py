@@ -146,8 +146,7 @@ def resolve(op, device, dtype):
     transforms (vmap, grad, jacrev, ...) and forward-mode AD (torch.autograd.forward_ad dual
     levels) every op takes the reference path, whose plain torch ops support them (the kernels'
     autograd Functions do not: they would drop the tangents)."""
-    stack = getattr(_local, "forced", None)
-    name = stack[-1] if stack else _default
+    name = current_backend()
     if name != "auto" and name not in BACKENDS:  # (a bad LLMFAST_BACKEND fails every call, not some)
         _check_name(name, "LLMFAST_BACKEND")
     if dtype not in _KERNEL_DTYPES:

@@ -33,6 +33,13 @@ def _autocast_enabled(device_type):
     return device_type != "meta" and torch.is_autocast_enabled(device_type)
 
 
+def _autocast_cast(t, dtype):
+    """What torch's autocast does to an argument: floating tensors other than float64 go to
+    `dtype`; anything else (None, integer or bool tensors, float64) is left alone."""
+    eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+    return t.to(dtype) if eligible else t
+
+
 # --- normalization ------------------------------------------------------------------------------
 def _check_param(fn, name, param, normalized_shape, input, rms):
     if not isinstance(param, torch.Tensor):
@@ -80,20 +87,15 @@ def _norm_under_autocast(fn, input, residual, normalized_shape, weight, bias, ep
     bias on the autocast device (float64 aside) are cast to float32, so the output is float32.
     The residual sum is what torch's `input + residual` gives (autocast leaves additions alone):
     in the input's dtype; a 16-bit sum is normalized after its cast, unfused."""
-    device_type = input.device.type
-
-    def cast(t):
-        eligible = (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                    and t.device.type == device_type)
-        return t.float() if eligible else t
-
-    with torch.autocast(device_type, enabled=False):
+    f32 = torch.float32
+    weight, bias = _autocast_cast(weight, f32), _autocast_cast(bias, f32)
+    with torch.autocast(input.device.type, enabled=False):
         if residual is None or input.dtype not in (torch.float16, torch.bfloat16):
             # the input is not cast, so nothing is rounded between the sum and the norm: fused
-            return _norm(fn, cast(input), residual, normalized_shape, cast(weight), cast(bias), eps, rms)
+            return _norm(fn, _autocast_cast(input, f32), residual, normalized_shape, weight, bias, eps, rms)
         _check_residual(fn, input, residual)
         summed = input + residual
-        out, _ = _norm(fn, summed.float(), None, normalized_shape, cast(weight), cast(bias), eps, rms)
+        out, _ = _norm(fn, summed.float(), None, normalized_shape, weight, bias, eps, rms)
     return out, summed
 
 
@@ -598,8 +600,8 @@ def _in_query_layout(out, query):
     projection viewed as (B, H, S, D), out.transpose(1, 2).view(B, S, H * Dv) then works as with
     torch, and costs the copy that the usual .contiguous() / .reshape after it no longer makes.
     Dims of size 1 keep their place."""
-    if query.dim() != 4 or out.dim() != 4:
-        return out
+    if query.dim() != 4 or out.dim() != 4 or query.is_contiguous():
+        return out  # (a contiguous query is in (B, H, S) order: the common call pays one check)
     st, sz = query.stride(), query.shape
     dims = [i for i in range(3) if sz[i] > 1]
     if all(st[a] >= st[b] for a, b in zip(dims, dims[1:])):
@@ -710,14 +712,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # As torch's autocast does for this op: floating inputs (float64 aside), a float mask
         # included, in the autocast dtype; autocast is off inside.
         dt = torch.get_autocast_dtype(query.device.type)
-
-        def cast(t):
-            eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-            return t.to(dt) if eligible else t
-
         with torch.autocast(query.device.type, enabled=False):
-            return scaled_dot_product_attention(cast(query), cast(key), cast(value), cast(attn_mask), dropout_p,
-                                                is_causal, scale, enable_gqa, window_size=window_size,
+            return scaled_dot_product_attention(*(_autocast_cast(t, dt) for t in (query, key, value, attn_mask)),
+                                                dropout_p, is_causal, scale, enable_gqa, window_size=window_size,
                                                 softcap=softcap, return_lse=return_lse)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if isinstance(t, torch.Tensor) and t.is_nested:
