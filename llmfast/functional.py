@@ -138,10 +138,13 @@ def _norm(fn, input, residual, normalized_shape, weight, bias, eps, rms):
         backend = "reference"  # nothing to normalize, or parameter dtypes the kernels do not take
     if backend == "reference":
         if rms:
-            return _reference.add_rms_norm(input, residual, normalized_shape, weight, eps, bias) if residual is not None \
-                else (_reference.rms_norm(input, normalized_shape, weight, eps, bias), None)
-        return _reference.add_layer_norm(input, residual, normalized_shape, weight, bias, eps) if residual is not None \
-            else (_reference.layer_norm(input, normalized_shape, weight, bias, eps), None)
+            out, summed = _reference.add_rms_norm(input, residual, normalized_shape, weight, eps, bias) \
+                if residual is not None else (_reference.rms_norm(input, normalized_shape, weight, eps, bias), None)
+        else:
+            out, summed = _reference.add_layer_norm(input, residual, normalized_shape, weight, bias, eps) \
+                if residual is not None else (_reference.layer_norm(input, normalized_shape, weight, bias, eps), None)
+        # the kernels' (and torch's layer_norm's) layout: contiguous, whatever the input's strides
+        return out.contiguous(), (summed.contiguous() if summed is not None else None)
 
     eager_norm = _ops.norm.EAGER_NORM
     if backend != "triton" and eager_norm is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
@@ -175,7 +178,14 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, bias=None):
     """As torch.nn.functional.rms_norm (eps=None means torch's default: the machine epsilon of the
     computation dtype, torch.finfo(torch.float32).eps for float16 / bfloat16 / float32 input).
     Keyword-only `bias` is an extension: added after scaling, as some models use."""
-    return _norm("rms_norm", input, None, normalized_shape, weight, bias, eps, rms=True)[0]
+    out = _norm("rms_norm", input, None, normalized_shape, weight, bias, eps, rms=True)[0]
+    if input.device.type == "cpu" and input.dim() in (4, 5) and not input.is_contiguous():
+        # torch's CPU rms_norm is elementwise math, so a channels-last input gives a channels-last
+        # output (its CUDA kernel, like layer_norm everywhere, returns a contiguous one)
+        fmt = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        if input.is_contiguous(memory_format=fmt):
+            out = out.contiguous(memory_format=fmt)
+    return out
 
 
 def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):

@@ -240,6 +240,31 @@ def test_non_contiguous_and_multi_dim_normalized_shape(device, backend, poison):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d])
+def test_output_memory_format_follows_torch(device, backend, fmt):
+    """A channels-last input: the output's strides are torch's on the same device (torch's CPU
+    rms_norm keeps the format, layer_norm returns a contiguous tensor), values and gradients too."""
+    torch.manual_seed(2)
+    shape = (2, 3, 5, 24) if fmt is torch.channels_last else (2, 3, 4, 5, 24)
+    base = torch.randn(shape, device=device).to(memory_format=fmt)
+    w = torch.rand(24, device=device) + 0.5
+    F = torch.nn.functional
+    for ours, theirs in ((lambda t: LF.rms_norm(t, (24,), w), lambda t: F.rms_norm(t, (24,), w)),
+                         (lambda t: LF.layer_norm(t, (24,), w), lambda t: F.layer_norm(t, (24,), w))):
+        x = base.clone().requires_grad_()
+        x_ref = base.clone().requires_grad_()
+        with llmfast.use_backend(backend):
+            y = ours(x)
+        y_ref = theirs(x_ref)
+        assert y.stride() == y_ref.stride()
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(y_ref)
+        y.backward(g)
+        y_ref.backward(g)
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
 def test_matches_torch_functions(device, backend):
     """Same defaults and semantics as torch.nn.functional (eps=1e-5; rms eps=None)."""
     torch.manual_seed(1)
