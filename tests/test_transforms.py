@@ -8,7 +8,7 @@ from torch.func import grad, jacrev, vmap
 
 import llmfast
 import llmfast.functional as LF
-from conftest import DEVICES
+from conftest import DEVICES, device_backend_params
 
 DTYPE = torch.float32  # a kernel dtype: float64 would take the reference path anyway
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -73,6 +73,64 @@ def test_per_sample_gradients_of_a_norm_layer(device):
     for key in ("weight", "bias"):
         assert ours[key].shape == (4, 8)
         torch.testing.assert_close(ours[key], theirs[key], **TOL)
+
+
+def _batched_grad_cases(device):
+    """(name, llmfast loss, torch loss, inputs): the fused ops whose backward scales a saved
+    gradient in place (cross-entropy, its inplace_backward form, linear CE in each reduction),
+    and the norm and attention kernels."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 11, generator=g, dtype=DTYPE).to(device)
+    h = torch.randn(6, 8, generator=g, dtype=DTYPE).to(device)
+    proj = torch.randn(11, 8, generator=g, dtype=DTYPE).to(device)
+    bias = torch.randn(11, generator=g, dtype=DTYPE).to(device)
+    target = torch.randint(0, 11, (6,), generator=g).to(device)
+    target[2] = -100
+    q = torch.randn(1, 2, 5, 8, generator=g, dtype=DTYPE).to(device)
+    w = torch.randn(11, generator=g, dtype=DTYPE).to(device)
+    cases = []
+    for red in ("mean", "sum", "none"):
+        cases += [
+            (f"cross_entropy-{red}", lambda x, red=red: LF.cross_entropy(x, target, reduction=red, label_smoothing=0.1),
+             lambda x, red=red: F.cross_entropy(x, target, reduction=red, label_smoothing=0.1), (x,)),
+            (f"cross_entropy-inplace-{red}",
+             lambda x, red=red: LF.cross_entropy(x * 1.0, target, reduction=red, inplace_backward=True),
+             lambda x, red=red: F.cross_entropy(x, target, reduction=red), (x,)),
+            (f"linear_cross_entropy-{red}",
+             lambda h, p, b, red=red: LF.linear_cross_entropy(h, p, target, b, reduction=red, chunk_size=4),
+             lambda h, p, b, red=red: F.cross_entropy(F.linear(h, p, b), target, reduction=red), (h, proj, bias)),
+        ]
+    cases += [
+        ("layer_norm", lambda x: LF.layer_norm(x, (11,), w), lambda x: F.layer_norm(x, (11,), w), (x,)),
+        ("attention", lambda q: LF.scaled_dot_product_attention(q, q, q, is_causal=True),
+         lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True), (q,)),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_batched_gradients_through_the_kernels(device, backend):
+    """torch.autograd.grad(..., is_grads_batched=True) (what jacobian(vectorize=True) runs) over
+    a forward that ran the kernels: the backward sees batched upstream gradients, which the
+    in-place scaling of a saved gradient cannot take; llmfast scales out of place then."""
+    for name, ours, theirs, inputs in _batched_grad_cases(device):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with llmfast.use_backend(backend):
+            out = ours(*leaves)
+        ref_leaves = [t.clone().requires_grad_() for t in inputs]
+        ref = theirs(*ref_leaves)
+        grad_outputs = torch.randn(3, *ref.shape, device=device, dtype=DTYPE)
+        got = torch.autograd.grad(out, leaves, grad_outputs, is_grads_batched=True)
+        want = torch.autograd.grad(ref, ref_leaves, grad_outputs, is_grads_batched=True)
+        for i, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{name} input {i}: {m}")
+    x = torch.randn(4, 5, device=device, dtype=DTYPE)
+    t = torch.tensor([0, 3, 1, 4], device=device)
+    with llmfast.use_backend(backend):
+        jac = torch.autograd.functional.jacobian(lambda z: LF.cross_entropy(z, t, reduction="none"), x,
+                                                 vectorize=True)
+    want = torch.autograd.functional.jacobian(lambda z: F.cross_entropy(z, t, reduction="none"), x, vectorize=True)
+    torch.testing.assert_close(jac, want, **TOL)
 
 
 def test_kernels_still_run_outside_transforms(monkeypatch):

@@ -23,6 +23,7 @@ from torch import Tensor
 from .. import _extension
 from ..reference import attention as _reference_attention
 from . import _create_graph
+from ._transforms import is_transformed
 
 # The largest head dim (query's and value's) of the Triton kernels (llmfast/triton/attention.py
 # asserts the same number; kept here so that checking it does not import triton) and of the CUDA
@@ -102,8 +103,11 @@ class AttentionFunction(torch.autograd.Function):
             return (None,) * 12
         if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
             return (None, None, *_reference_backward(ctx, grad_out, grad_lse), None, None, None, None, None, None)
+        bwd_op = ctx.bwd_op
+        if not isinstance(bwd_op, torch._ops.OpOverload) and is_transformed(grad_out, grad_lse):
+            bwd_op = torch.ops.llmfast.triton_attention_bwd.default  # batched gradients: through the dispatcher
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.args, ctx.needs_input_grad[5], grad_out, grad_lse)
+            grads = _backward(bwd_op, ctx.saved_tensors, ctx.args, ctx.needs_input_grad[5], grad_out, grad_lse)
         return (None, None, *grads, None, None, None, None, None, None)
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 from .. import _extension
 from .. import reference as _reference
 from . import _create_graph
+from ._transforms import is_transformed
 
 _REDUCTION_NAMES = ("none", "mean", "sum")  # by the ops' reduction code
 
@@ -60,6 +61,16 @@ def _scale_fake(grad_logits, grad_output):
     return None
 
 
+def _scaled(grad, grad_loss):
+    """Out of place, what scale_grad_ does in place: grad (M, C) times the upstream gradient
+    (one value, or one per row), in float32, returned in grad's dtype. The saved buffer is left
+    as it was (so this backward may run again). For batched upstream gradients (see
+    llmfast/ops/_transforms.py), where the in-place op cannot run."""
+    factor = grad_loss.to(torch.float32)
+    factor = factor.reshape(()) if factor.numel() == 1 else factor.reshape(-1, 1)
+    return (grad.to(torch.float32) * factor).to(grad.dtype)
+
+
 def _register_autograd(fwd_op, scale_op):
     def setup_context(ctx, inputs, output):
         compute_grad = inputs[-1]
@@ -74,15 +85,16 @@ def _register_autograd(fwd_op, scale_op):
             raise RuntimeError(
                 "llmfast cross_entropy: the forward ran with compute_grad=False (no gradient was "
                 "computed); call it with compute_grad=True when logits need a gradient")
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        (grad,) = ctx.saved_tensors
+        if is_transformed(grad_loss):
+            return (_scaled(grad, grad_loss),) + (None,) * 8
         if ctx.backward_done:
             raise RuntimeError(_TWICE)
         ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            scale_op(grad, grad_loss.to(torch.float32).contiguous())
-            grad_logits = grad
-        return grad_logits, None, None, None, None, None, None, None, None
+        scale_op(grad, grad_loss.to(torch.float32).contiguous())
+        return (grad,) + (None,) * 8
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
 
@@ -110,10 +122,12 @@ def make_inplace_function(fwd_inplace_op, scale_op):
                 raise NotImplementedError(
                     "llmfast cross_entropy: a backward with create_graph=True (double backward) is not supported "
                     "with inplace_backward=True (the forward overwrote the logits it would need)")
+            (grad,) = ctx.saved_tensors
+            if is_transformed(grad_loss):
+                return (_scaled(grad, grad_loss),) + (None,) * 7
             if ctx.backward_done:
                 raise RuntimeError(_TWICE)
             ctx.backward_done = True
-            (grad,) = ctx.saved_tensors
             scale_op(grad, grad_loss.to(torch.float32).contiguous())
             return grad, None, None, None, None, None, None, None
 
@@ -208,10 +222,12 @@ class CrossEntropyFunction(torch.autograd.Function):
 
             (grad,) = _create_graph.reference_grads(loss_fn, (refs["input"],), (True,), (grad_loss,))
             return (grad,) + (None,) * 10
+        (grad,) = ctx.saved_tensors
+        if is_transformed(grad_loss):
+            return (ctx.grad_view(_scaled(grad, grad_loss)),) + (None,) * 10
         if ctx.backward_done:
             raise RuntimeError(_TWICE)
         ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
         with torch._C._AutoDispatchBelowADInplaceOrView():
             ctx.scale_op(grad, grad_loss.to(torch.float32).reshape(-1).contiguous())
         return (ctx.grad_view(grad),) + (None,) * 10
@@ -334,6 +350,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if _create_graph.wants_graph():  # create_graph=True: gradients with a graph, from the reference
             return _linear_reference_backward(ctx, grad_loss)
+        if is_transformed(grad_loss):
+            return _linear_transformed_backward(ctx, grad_loss)
         if ctx.backward_done:
             raise RuntimeError(_TWICE)
         ctx.backward_done = True
@@ -370,6 +388,47 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_b = grad_b.to(ctx.bias_dtype)
         return (grad_x.view(ctx.input_shape) if need_x else None, grad_w if need_w else None, None,
                 grad_b if need_b else None, None, None, None, None, None, None, None, None, None)
+
+
+def _linear_transformed_backward(ctx, grad_loss):
+    """LinearCrossEntropyFunction.backward for a batched upstream gradient (see _is_transformed):
+    the same chunked computation with every product out of place (no in-place scaling of a
+    saved buffer, no out= matmul into an unbatched one). Saved buffers are not modified."""
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[3]
+    if ctx.reduction != 0:
+        grad_x, grad_w, grad_b = ctx.saved_tensors
+        grad_x = _scaled(grad_x, grad_loss) if need_x else None
+        grad_w = _scaled(grad_w, grad_loss) if need_w else None
+        grad_b = grad_b * grad_loss.to(torch.float32) if need_b else None
+    else:
+        fwd_inplace_op, _ = ctx.ops
+        input, weight, target, bias = ctx.saved_tensors
+        grad_loss = grad_loss.to(torch.float32).reshape(-1)
+        xs, grad_w, grad_b = [], None, None
+        for start in range(0, input.shape[0], ctx.chunk):
+            x_c = input[start:start + ctx.chunk]
+            logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
+            fwd_inplace_op(logits, target[start:start + ctx.chunk], None, 0, *ctx.opts)  # its own buffer
+            g = _scaled(logits, grad_loss[start:start + ctx.chunk])
+            if need_x:
+                xs.append(g @ weight)
+            if need_w:
+                part = g.t() @ x_c
+                grad_w = part if grad_w is None else grad_w + part
+            if need_b:
+                part = g.sum(0, dtype=torch.float32)
+                grad_b = part if grad_b is None else grad_b + part
+        if need_x:
+            grad_x = torch.cat(xs) if xs else torch.zeros_like(input)
+        if need_w and grad_w is None:
+            grad_w = torch.zeros_like(weight)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros((weight.shape[0],), dtype=torch.float32, device=input.device)
+    if need_b:
+        grad_b = grad_b.to(ctx.bias_dtype)
+    return (grad_x.view(ctx.input_shape) if need_x else None, grad_w if need_w else None, None,
+            grad_b if need_b else None, None, None, None, None, None, None, None, None, None)
 
 
 def _linear_reference_backward(ctx, grad_loss):

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .. import _extension
 from . import _create_graph
+from ._transforms import is_transformed
 
 
 def _fwd_fake(input, residual, weight, bias, eps, rms):
@@ -115,8 +116,11 @@ class NormFunction(torch.autograd.Function):
             grads = (grad_in if input_grad else None, grad_in if input_grad and ctx.has_residual else None,
                      grad_w if ctx.weight_grad else None, grad_b if ctx.bias_grad else None)
             return (None, None, *grads, None, None)
+        bwd_op = ctx.bwd_op
+        if not isinstance(bwd_op, torch._ops.OpOverload) and is_transformed(grad_out, grad_residual_out):
+            bwd_op = torch.ops.llmfast.triton_norm_bwd.default  # batched gradients: through the dispatcher
         with torch._C._AutoDispatchBelowADInplaceOrView():
-            grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.rms, ctx.has_residual, ctx.weight_grad,
+            grads = _backward(bwd_op, ctx.saved_tensors, ctx.rms, ctx.has_residual, ctx.weight_grad,
                               ctx.bias_grad, grad_out, grad_residual_out)
         return (None, None, *grads, None, None)
 
