@@ -613,7 +613,8 @@ def _in_query_layout(out, query):
     if query.dim() != 4 or out.dim() != 4 or query.is_contiguous():
         return out  # (a contiguous query is in (B, H, S) order: the common call pays one check)
     st, sz = query.stride(), query.shape
-    dims = [i for i in range(3) if sz[i] > 1]
+    # (a broadcast dim, stride 0, has no memory order of its own: it keeps its place, as in torch)
+    dims = [i for i in range(3) if sz[i] > 1 and st[i] != 0]
     if all(st[a] >= st[b] for a, b in zip(dims, dims[1:])):
         return out  # already in (B, H, S) order
     # Order the dims by decreasing stride with plain comparisons (an insertion sort: at most 3
@@ -625,7 +626,7 @@ def _in_query_layout(out, query):
             at -= 1
         ordered.insert(at, d)
     ordered = iter(ordered)
-    perm = [next(ordered) if sz[i] > 1 else i for i in range(3)] + [3]
+    perm = [next(ordered) if sz[i] > 1 and st[i] != 0 else i for i in range(3)] + [3]
     inverse = [perm.index(i) for i in range(4)]
     return out.permute(perm).contiguous().permute(inverse)
 

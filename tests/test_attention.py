@@ -309,6 +309,26 @@ def test_output_follows_the_query_layout(device, backend, layout):
 
 
 @pytest.mark.parametrize("device,backend", NN_PARAMS)
+def test_broadcast_query_output_layout_is_torchs(device, backend):
+    """A query of lower rank than key and value, or an expanded one, is broadcast (stride 0):
+    its broadcast dims have no memory order and keep their place, the others are ordered as
+    usual, with torch's strides (so out.view works where it does on torch's)."""
+    torch.manual_seed(17)
+    k, v = torch.randn(2, 4, 5, 8, device=device), torch.randn(2, 4, 5, 8, device=device)
+    queries = [torch.randn(3, 8, device=device), torch.randn(4, 3, 8, device=device),
+               torch.randn(2, 1, 3, 8, device=device).expand(2, 4, 3, 8),
+               torch.randn(1, 3, 4, 8, device=device).transpose(1, 2).expand(2, 4, 3, 8)]
+    for q in queries:
+        with llmfast.use_backend(backend):
+            out = LF.scaled_dot_product_attention(q, k, v)
+        expected = torch.nn.functional.scaled_dot_product_attention(q.cpu(), k.cpu(), v.cpu())
+        assert out.stride() == expected.stride(), tuple(q.shape)
+        if expected.is_contiguous():
+            out.view(-1, 8)
+        torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", NN_PARAMS)
 def test_query_layout_compiles_with_dynamic_shapes(device, backend):
     """The layout rule traces under torch.compile(fullgraph=True, dynamic=True) (symbolic
     strides), for two sequence lengths, with eager's values and layout."""
