@@ -212,6 +212,13 @@ def _number(fn, name, value, ok, expected):
     return float(value)
 
 
+def _softcap(fn, softcap):
+    """None (off), or a finite number > 0; 0 also means off (FlashAttention's default, softcap=0.0)."""
+    if softcap is None or (not isinstance(softcap, bool) and isinstance(softcap, (int, float)) and softcap == 0):
+        return None
+    return _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None, 0 (off) or a finite number > 0")
+
+
 def _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap):
     """Checks the options cross_entropy and linear_cross_entropy share; returns them as Python
     numbers (ignore_index, label_smoothing, z_loss, softcap)."""
@@ -221,8 +228,7 @@ def _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss, softcap)
         raise LlmfastTypeError(f"{fn}: ignore_index must be an int, got {ignore_index!r}")
     label_smoothing = _number(fn, "label_smoothing", label_smoothing, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     z_loss = _number(fn, "z_loss", z_loss, lambda v: 0.0 <= v < math.inf, "a finite number >= 0")
-    if softcap is not None:
-        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    softcap = _softcap(fn, softcap)
     return int(ignore_index), label_smoothing, z_loss, softcap
 
 
@@ -576,11 +582,16 @@ def _window(fn, window_size):
     except (TypeError, ValueError):
         raise LlmfastTypeError(f"{fn}: window_size must be None or a pair (left, right) of ints, "
                                f"got {window_size!r}") from None
+    pair = []
     for v in (left, right):
-        if isinstance(v, bool) or not isinstance(v, int) or v < -1:
-            raise LlmfastValueError(f"{fn}: window_size must be a pair (left, right) of ints >= -1 "
-                                    f"(-1 = unbounded), got {window_size!r}")
-    return left, right
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and not v.is_complex() \
+                and v.dtype != torch.bool:
+            v = int(v.item())  # e.g. FlashAttention's tests draw windows with torch.randint
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise LlmfastValueError(f"{fn}: window_size must be a pair (left, right) of ints (negative = "
+                                    f"unbounded), got {window_size!r}")
+        pair.append(max(int(v), -1))  # any negative value is unbounded, as in FlashAttention
+    return pair[0], pair[1]
 
 
 _CUDA_MAX_GRID_YZ = 65535  # a CUDA grid's y and z limit (the cuda kernels put heads and batch there)
@@ -695,9 +706,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       torch's output (the values' mean) but, as with torch's flash kernels, a wrong gradient: its logsumexp
       m + log(l) rounds to m in float32. Boolean or -inf masks have no such limit.
     Extras (keyword-only):
-    - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (-1 =
-      unbounded on that side; combines with is_causal and attn_mask).
-    - softcap: scores = softcap * tanh(scores / softcap) before masking (Gemma 2).
+    - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (any
+      negative value, e.g. -1, = unbounded on that side; ints or one-element integer tensors;
+      combines with is_causal and attn_mask). Top-left aligned like is_causal; FlashAttention
+      aligns windows and causal masks bottom-right when Sq != Sk (for causal attention pass
+      torch.nn.attention.bias.causal_lower_right(Sq, Sk) as attn_mask to get that).
+    - softcap: scores = softcap * tanh(scores / softcap) before masking (Gemma 2); None or 0
+      means off.
     - return_lse=True returns (out, lse), lse (..., Hq, Sq) float32 (float64 for float64
       inputs) = logsumexp of each row's
       scaled, masked scores (-inf for a fully masked row); it is differentiable.
@@ -818,8 +833,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scale = _number(fn, "scale", scale, math.isfinite, "None or a finite number")
     elif d == 0:
         scale = 1.0  # no features: every score is 0 whatever the scale (torch's 1/sqrt(0) aside)
-    if softcap is not None:
-        softcap = _number(fn, "softcap", softcap, lambda v: 0.0 < v < math.inf, "None or a finite number > 0")
+    softcap = _softcap(fn, softcap)
     left, right = _window(fn, window_size)
     if causal_right is not None:
         right = causal_right if right < 0 else min(right, causal_right)

@@ -201,6 +201,28 @@ def test_reference_extras():
     torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
+def test_flash_attention_style_arguments(device, backend):
+    """Arguments as FlashAttention's API and tests pass them: softcap=0.0 is off; window sides
+    as one-element integer tensors (torch.randint) and any negative value as unbounded."""
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 11, 16, device=device) for _ in range(3))
+    with llmfast.use_backend(backend):
+        torch.testing.assert_close(LF.scaled_dot_product_attention(q, k, v, softcap=0.0),
+                                   LF.scaled_dot_product_attention(q, k, v))
+        window = torch.randint(0, 11, (2,))
+        expected = LF.scaled_dot_product_attention(q, k, v, window_size=tuple(int(w) for w in window))
+        torch.testing.assert_close(LF.scaled_dot_product_attention(q, k, v, window_size=window), expected)
+        torch.testing.assert_close(LF.scaled_dot_product_attention(q, k, v, window_size=tuple(window)), expected)
+        torch.testing.assert_close(LF.scaled_dot_product_attention(q, k, v, window_size=(-5, 2)),
+                                   LF.scaled_dot_product_attention(q, k, v, window_size=(-1, 2)))
+    torch.testing.assert_close(
+        expected, llmfast.reference.scaled_dot_product_attention(q, k, v, window_size=tuple(int(w) for w in window)),
+        atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(llmfast.reference.scaled_dot_product_attention(q, k, v, softcap=0.0),
+                               llmfast.reference.scaled_dot_product_attention(q, k, v))
+
+
 # --- dropout ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,backend", KERNEL_PARAMS)
 @pytest.mark.parametrize("Hq,Hkv,Sq,causal", [(2, 2, 40, True), (8, 2, 3, False)], ids=["mha", "gqa_few_queries"])
@@ -632,8 +654,8 @@ def test_bad_input_names_the_argument(device, backend):
                                                  enable_gqa=True), "attn_mask"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, dropout_p=1.5, enable_gqa=True), "dropout_p"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, scale=float("nan"), enable_gqa=True), "scale"),
-        (lambda: LF.scaled_dot_product_attention(q, k, k, softcap=0.0, enable_gqa=True), "softcap"),
-        (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=(-2, 3), enable_gqa=True), "window_size"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, softcap=-1.0, enable_gqa=True), "softcap"),
+        (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=(1.5, 3), enable_gqa=True), "window_size"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, window_size=4, enable_gqa=True), "window_size"),
         (lambda: LF.scaled_dot_product_attention(q, k, k, is_causal=1, enable_gqa=True), "is_causal"),
         (lambda: LF.scaled_dot_product_attention(q.expand(2, 4, 5, 16), torch.randn(3, 2, 7, 16, device=device),

@@ -238,6 +238,20 @@ def test_large_logits_and_neg_inf(device, backend, dtype, poison):
         _assert_grad_close(leaf.grad, xr.grad, dtype, f"{backend} grad")
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_softcap_zero_is_off(device, backend):
+    """softcap=0.0 (FlashAttention's and Liger's default) means no capping, as None."""
+    torch.manual_seed(3)
+    x = torch.randn(5, 13, device=device) * 4
+    t = torch.randint(0, 13, (5,), device=device)
+    h, w = torch.randn(5, 6, device=device), torch.randn(13, 6, device=device)
+    with llmfast.use_backend(backend):
+        torch.testing.assert_close(LF.cross_entropy(x, t, softcap=0.0), LF.cross_entropy(x, t))
+        torch.testing.assert_close(LF.linear_cross_entropy(h, w, t, softcap=0),
+                                   LF.linear_cross_entropy(h, w, t))
+    torch.testing.assert_close(LF.cross_entropy(x, t, softcap=0.0), torch.nn.functional.cross_entropy(x, t))
+
+
 @pytest.mark.parametrize("device,backend", [p for p in device_backend_params() if p.values[0] == "cpu"])
 def test_out_of_range_target_raises_on_cpu(device, backend):
     """On the CPU a bad target is an IndexError (as torch's) raised before any kernel runs
@@ -245,11 +259,11 @@ def test_out_of_range_target_raises_on_cpu(device, backend):
     x = torch.randn(4, 10, requires_grad=True)
     for bad in (10, -1, 12345):
         t = torch.tensor([1, -100, bad, 3])
-        with llmfast.use_backend(backend), pytest.raises(IndexError, match="out of"):
+        with llmfast.use_backend(backend), pytest.raises(IndexError, match="out of bounds"):
             LF.cross_entropy(x, t)
         logits = x.detach().clone().requires_grad_()
         before = logits.detach().clone()
-        with llmfast.use_backend(backend), pytest.raises(IndexError, match="out of"):
+        with llmfast.use_backend(backend), pytest.raises(IndexError, match="out of bounds"):
             LF.cross_entropy(logits * 1.0, t, inplace_backward=True)
         assert torch.equal(logits.detach(), before)
 
@@ -439,7 +453,7 @@ def test_bad_input_names_the_argument(device, backend):
         (lambda: LF.cross_entropy(x, t, reduction="avg"), "reduction"),
         (lambda: LF.cross_entropy(x, t, label_smoothing=1.5), "label_smoothing"),
         (lambda: LF.cross_entropy(x, t, z_loss=-1.0), "z_loss"),
-        (lambda: LF.cross_entropy(x, t, softcap=0.0), "softcap"),
+        (lambda: LF.cross_entropy(x, t, softcap=-2.0), "softcap"),
         (lambda: LF.cross_entropy(x, t, ignore_index=1.5), "ignore_index"),
         (lambda: LF.cross_entropy(x, t, inplace_backward="yes"), "inplace_backward"),
     ]

@@ -87,8 +87,8 @@ SUBGROUP_CASE = ("subgroup_weight_smoothing_mean", dict(reduction="mean", weight
 
 # (id, expected words in the message on every rank)
 ERRORS = [
-    ("error_target_out_of_range", ["target", "out of range", "[0, 97)"]),
-    ("error_negative_target", ["target", "out of range"]),
+    ("error_target_out_of_range", ["target", "out of bounds", "[0, 97)"]),
+    ("error_negative_target", ["target", "out of bounds"]),
     ("error_weight_local_shape", ["weight", "(97,)"]),
     ("error_token_counts_differ", ["same tokens"]),
     ("error_weight_dtype_on_one_rank", ["weight"]),

@@ -224,7 +224,7 @@ Prepared prepare(const char* op, const at::Tensor& logits, const at::Tensor& tar
     if (ti == ignore_index) continue;
     // IndexError in Python, as torch raises for an out-of-range class index.
     TORCH_CHECK_INDEX(ti >= 0 && ti < V, op, ": target[", i, "] = ", ti,
-                  " is out of range: targets must be in [0, ", V, ") or equal ignore_index (",
+                  " is out of bounds: targets must be in [0, ", V, ") or equal ignore_index (",
                   ignore_index, ")");
     total += w != nullptr ? w[ti] : 1.0;
   }

@@ -140,7 +140,7 @@ def _check_target_range(fn, target, vocab, ignore_index):
     if bad.any():
         value = target[bad][0].item()
         raise LlmfastIndexError(
-            f"{fn}: target {value} is out of range: targets must be global class ids in [0, {vocab}) (the "
+            f"{fn}: target {value} is out of bounds: targets must be global class ids in [0, {vocab}) (the "
             f"vocabulary of all ranks of process_group) or equal ignore_index ({ignore_index})")
 
 

@@ -80,7 +80,7 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     s = torch.matmul(query.to(acc), key.to(acc).transpose(-2, -1)) * scale
-    if softcap is not None:
+    if softcap is not None and softcap != 0:  # 0 = off, as None (FlashAttention's default)
         s = softcap * torch.tanh(s / softcap)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

@@ -51,7 +51,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     acc = _acc_dtype(input.dtype)
     x = input.to(acc)
-    if softcap is not None:
+    if softcap is not None and softcap != 0:  # 0 = off, as None (FlashAttention's default)
         x = softcap * torch.tanh(x / softcap)
 
     # Class dimension last, tokens flattened: (M, C) logits, (M,) targets.
@@ -65,7 +65,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     if _values_readable(t):
         bad = valid & ((t < 0) | (t >= n_classes))
         if bool(bad.any()):  # IndexError, as torch's nll_loss on the CPU
-            raise IndexError(f"cross_entropy: target {int(t[bad][0])} is out of range: targets must be in "
+            raise IndexError(f"cross_entropy: target {int(t[bad][0])} is out of bounds: targets must be in "
                              f"[0, {n_classes}) or equal ignore_index ({ignore_index})")
     t_safe = torch.where(valid, t, torch.zeros_like(t))
     zero = torch.zeros((), dtype=acc, device=x.device)
@@ -106,7 +106,7 @@ def cross_entropy_probs(input, target, weight=None, reduction="mean", label_smoo
     acc = _acc_dtype(input.dtype)
     dim = 1 if input.dim() >= 2 else 0
     x = input.to(acc)
-    if softcap is not None:
+    if softcap is not None and softcap != 0:  # 0 = off, as None (FlashAttention's default)
         x = softcap * torch.tanh(x / softcap)
     lse = torch.logsumexp(x, dim=dim, keepdim=True)
     logp = x - lse

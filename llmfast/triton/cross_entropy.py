@@ -359,7 +359,7 @@ def _prepare(op, logits, target, weight, reduction, ignore_index, label_smoothin
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise LlmfastIndexError(
-                f"{op}: target[{i}] = {int(target[i])} is out of range: targets must be in [0, {V}) "
+                f"{op}: target[{i}] = {int(target[i])} is out of bounds: targets must be in [0, {V}) "
                 f"or equal ignore_index ({ignore_index})")
 
     w_sum = w32.sum().reshape(1) if (w32 is not None and label_smoothing > 0) else None
