@@ -19,6 +19,7 @@ from torch.nn.attention.bias import CausalVariant as _CausalVariant
 from . import _checks
 from . import ops as _ops  # noqa: F401  (registers the custom ops)
 from . import reference as _reference
+from .reference.cross_entropy import linear_arguments as _linear_arguments
 from .parallel import cross_entropy as _parallel_ce
 from ._backend import available_backends, current_backend, resolve
 from ._errors import BackendUnavailableError, LlmfastTypeError, LlmfastValueError
@@ -188,17 +189,32 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, bias=None):
     return out
 
 
+def _promoted(input, residual):
+    """input and residual in the dtype of torch's input + residual: a 16-bit input with a float32
+    residual stream (mixed precision's usual setup) is summed and normalized in float32."""
+    if (isinstance(input, torch.Tensor) and isinstance(residual, torch.Tensor) and input.dtype != residual.dtype
+            and input.dtype in _checks.FLOATING and residual.dtype in _checks.FLOATING):
+        dtype = torch.promote_types(input.dtype, residual.dtype)
+        return input.to(dtype), residual.to(dtype)
+    return input, residual
+
+
 def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """Pre-norm block step in one pass: returns (layer_norm(input + residual), input + residual)."""
+    """Pre-norm block step in one pass: returns (layer_norm(input + residual), input + residual).
+    Both in the dtype torch's input + residual has (an input and residual of different floating
+    dtypes are promoted first: float16 + float32 gives float32 outputs)."""
     if residual is None:
         _checks.tensor("add_layer_norm", "residual", residual)  # raises (layer_norm takes no residual)
+    input, residual = _promoted(input, residual)
     return _norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, rms=False)
 
 
 def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, bias=None):
-    """Pre-norm block step in one pass: returns (rms_norm(input + residual), input + residual)."""
+    """Pre-norm block step in one pass: returns (rms_norm(input + residual), input + residual),
+    with add_layer_norm's dtype rule."""
     if residual is None:
         _checks.tensor("add_rms_norm", "residual", residual)  # raises (rms_norm takes no residual)
+    input, residual = _promoted(input, residual)
     return _norm("add_rms_norm", input, residual, normalized_shape, weight, bias, eps, rms=True)
 
 
@@ -416,31 +432,56 @@ def _ce_eager_ops(backend):
     return torch.ops.llmfast.cross_entropy_fwd.default, torch.ops.llmfast.cross_entropy_scale_grad_.default
 
 
-def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, process_group=None):
-    """cross_entropy(input @ weight.T + bias, target, ...) without materialising the logits:
-    input (..., D), weight (V, D) (the output projection, e.g. a tied embedding), target of
-    input's leading shape, bias (V,) or None. Options as cross_entropy (no class weights).
+def linear_cross_entropy(input, linear_weight=None, target=None, bias=None, *, linear_bias=None, weight=None,
+                         reduction="mean", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         chunk_size=None, process_group=None, options=None):
+    """cross_entropy(input @ linear_weight.T + bias, target, weight, ...) without materialising
+    the logits: input (..., D), linear_weight (V, D) (the output projection, e.g. a tied
+    embedding), target of input's leading shape, bias (V,) or None, weight (V,) class weights
+    or None. Options as cross_entropy.
+
+    Two calling conventions, told apart by whether `linear_weight` is given:
+    - torch >= 2.14's torch.nn.functional.linear_cross_entropy(input, linear_weight, target, *,
+      linear_bias=None, weight=None, reduction='mean', ignore_index=None, label_smoothing=0.0,
+      options=None): `weight` is the class weights, ignore_index=None means -100, and options
+      (a torch.nn.LinearCrossEntropyOptions) contributes its batch_chunk_size as chunk_size (its
+      other fields tune torch's implementation and are ignored). As in torch, class-probability
+      targets (a floating target shaped like the logits) and a K-dimensional projection
+      (C, d1, ..., dK, D) with bias (C, d1, ..., dK) and target (N, d1, ..., dK) are taken; those
+      two run unfused (F.linear, then llmfast's cross_entropy), as torch's reference path does.
+    - llmfast's: linear_cross_entropy(input, weight, target, bias=None, ...), the projection as
+      the second argument (its keyword `weight=` works when linear_weight is not given).
 
     The tokens are processed `chunk_size` rows at a time (default: about 256 MiB of logits per
     chunk, see llmfast.ops.cross_entropy.default_chunk_rows): one matmul makes a chunk's logits,
     the cross-entropy kernel turns them into their gradient in place, two matmuls accumulate
-    grad_input and grad_weight (in weight's dtype). Extra memory: one chunk of logits plus an
+    grad_input and grad_weight (in the projection's dtype). Extra memory: one chunk of logits plus an
     fp32 (V,) bias-gradient accumulator; the logits of the matmul are rounded to input's dtype
     (as torch.nn.functional.linear would). With reduction='none' backward recomputes each
     chunk's logits (its per-row upstream gradient is only known then).
 
-    Vocabulary parallelism (`process_group`, a torch.distributed.ProcessGroup): `weight` (V_r, D)
+    Vocabulary parallelism (`process_group`, a torch.distributed.ProcessGroup): the projection (V_r, D)
     and `bias` (V_r,) are this rank's contiguous slice of the classes (slices in rank order,
     uneven sizes allowed); input and target (global class ids) are the same on every rank. Every
     rank returns the loss of the whole vocabulary; backward gives each rank the gradient of its
-    weight and bias slices, and grad_input all_reduced (summed) over the group. Each chunk's
-    logits are computed again in backward (one more matmul per chunk). See
+    projection and bias slices, and grad_input all_reduced (summed) over the group. Each chunk's
+    logits are computed again in backward (one more matmul per chunk). No class weights there. See
     llmfast.parallel.cross_entropy for the full contract.
     """
     fn = "linear_cross_entropy"
+    linear_weight, class_weight, bias = _linear_arguments(fn, linear_weight, weight, bias, linear_bias)
+    if target is None:
+        raise LlmfastTypeError(f"{fn}: missing target (the third argument)")
+    if ignore_index is None:
+        ignore_index = -100  # torch's default for class-index targets
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
     _checks.floating(fn, "input", input)
-    _checks.floating(fn, "weight", weight)
+    _checks.floating(fn, "linear_weight", linear_weight)
+    _checks.tensor(fn, "target", target)
+    if target.dtype.is_floating_point or linear_weight.dim() > 2:
+        return _linear_then_cross_entropy(fn, input, linear_weight, target, bias, class_weight, reduction, ignore_index,
+                                          label_smoothing, z_loss, softcap, process_group)
     if _autocast_enabled(input.device.type):
         # As torch.nn.functional.linear then cross_entropy under autocast: the projection runs
         # in the autocast dtype (input, weight and bias cast to it; autograd casts the gradients
@@ -449,16 +490,47 @@ def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100,
         dt = torch.get_autocast_dtype(input.device.type)
         with torch.autocast(input.device.type, enabled=False):
             loss = _linear_cross_entropy(
-                input.to(dt), weight.to(dt), target,
-                bias.to(dt) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else bias,
+                input.to(dt), linear_weight.to(dt), target,
+                bias.to(dt) if isinstance(bias, torch.Tensor) and bias.is_floating_point() else bias, class_weight,
                 ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, process_group)
         return loss.to(torch.float32)
-    return _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss,
-                                 softcap, chunk_size, process_group).to(input.dtype)
+    return _linear_cross_entropy(input, linear_weight, target, bias, class_weight, ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap, chunk_size, process_group).to(input.dtype)
 
 
-def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                          chunk_size, process_group):
+def _linear_then_cross_entropy(fn, input, linear_weight, target, bias, class_weight, reduction, ignore_index,
+                               label_smoothing, z_loss, softcap, process_group):
+    """torch's linear_cross_entropy cases the fused path does not take (class-probability targets,
+    a K-dimensional projection): F.linear, then llmfast's cross_entropy, as torch's reference
+    path computes them (the logits are materialised)."""
+    if process_group is not None:
+        raise LlmfastValueError(f"{fn}: process_group takes class-index targets and a (V, D) projection only")
+    if linear_weight.dim() < 2 or linear_weight.shape[-1] != input.shape[-1]:
+        raise LlmfastValueError(f"{fn}: linear_weight must have shape (C, ..., {input.shape[-1]}) (input's last "
+                                f"dimension last), got {tuple(linear_weight.shape)}")
+    out_dims = tuple(linear_weight.shape[:-1])  # (C, d1, ..., dK)
+    if len(out_dims) > 1 and input.dim() > 2:
+        raise LlmfastValueError(f"{fn}: with a K-dimensional linear_weight {tuple(linear_weight.shape)}, input must "
+                                f"be (D,) or (N, D), got shape {tuple(input.shape)}")
+    if bias is not None and tuple(bias.shape) != out_dims:
+        raise LlmfastValueError(f"{fn}: bias must have shape {out_dims}, got {tuple(bias.shape)}")
+    logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]),
+                                        bias.reshape(-1) if bias is not None else None)
+    logits = logits.reshape(*input.shape[:-1], *out_dims)
+    if input.dim() > 2:  # (..., C) probabilities over the last dim: tokens flattened, as the kernels' rows
+        if tuple(target.shape) != tuple(logits.shape):
+            raise LlmfastValueError(f"{fn}: class-probability targets must have the logits' shape "
+                                    f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+        loss = cross_entropy(logits.reshape(-1, out_dims[0]), target.reshape(-1, out_dims[0]), class_weight,
+                             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                             z_loss=z_loss, softcap=softcap)
+        return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+    return cross_entropy(logits, target, class_weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+
+def _linear_cross_entropy(input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
+                          softcap, chunk_size, process_group):
     """linear_cross_entropy without autocast; the loss in float32 where the kernels compute it
     (the caller casts it)."""
     fn = "linear_cross_entropy"
@@ -467,11 +539,11 @@ def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, 
         raise LlmfastValueError(f"{fn}: input must have at least 1 dimension (..., D), got a 0-d tensor")
     if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
         raise LlmfastValueError(
-            f"{fn}: weight must have shape (V, {input.shape[-1]}) (V classes, input's last dimension), "
+            f"{fn}: linear_weight must have shape (V, {input.shape[-1]}) (V classes, input's last dimension), "
             f"got {tuple(weight.shape)}")
     if weight.dtype != input.dtype:
-        raise LlmfastTypeError(f"{fn}: weight must have input's dtype {input.dtype}, got {weight.dtype}")
-    _checks.same_device(fn, "weight", weight, "input", input)
+        raise LlmfastTypeError(f"{fn}: linear_weight must have input's dtype {input.dtype}, got {weight.dtype}")
+    _checks.same_device(fn, "linear_weight", weight, "input", input)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise LlmfastTypeError(f"{fn}: target must be an integer tensor of class indices, got {target.dtype}")
     if tuple(target.shape) != tuple(input.shape[:-1]):
@@ -480,7 +552,8 @@ def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, 
     _checks.same_device(fn, "target", target, "input", input)
     V = weight.shape[0]
     if V < 1 and process_group is None:
-        raise LlmfastValueError(f"{fn}: weight must have at least one row (class), got shape {tuple(weight.shape)}")
+        raise LlmfastValueError(f"{fn}: linear_weight must have at least one row (class), got shape "
+                                f"{tuple(weight.shape)}")
     if bias is not None:
         _checks.floating(fn, "bias", bias)
         if tuple(bias.shape) != (V,):
@@ -488,6 +561,18 @@ def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, 
         if bias.dtype != input.dtype:
             raise LlmfastTypeError(f"{fn}: bias must have input's dtype {input.dtype}, got {bias.dtype}")
         _checks.same_device(fn, "bias", bias, "input", input)
+    if class_weight is not None:
+        if process_group is not None:
+            raise LlmfastValueError(f"{fn}: class weights (weight) are not supported with process_group")
+        _checks.floating(fn, "weight", class_weight)
+        if tuple(class_weight.shape) != (V,):
+            raise LlmfastValueError(f"{fn}: weight (the class weights) must have shape ({V},), got "
+                                    f"{tuple(class_weight.shape)}")
+        _checks.same_device(fn, "weight", class_weight, "input", input)
+        if class_weight.requires_grad and torch.is_grad_enabled():
+            raise LlmfastValueError(f"{fn}: weight (the class weights) must not require grad (the loss is not "
+                                    f"differentiable with respect to them, as in torch); pass weight.detach()")
+        class_weight = class_weight.contiguous()
     ignore_index, label_smoothing, z_loss, softcap = _loss_options(fn, reduction, ignore_index, label_smoothing, z_loss,
                                                                    softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -499,7 +584,8 @@ def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, 
 
     backend = resolve("linear_cross_entropy", input.device, input.dtype)
     if backend == "reference":
-        return _reference.linear_cross_entropy(input, weight, target, bias, ignore_index=ignore_index,
+        return _reference.linear_cross_entropy(input, weight, target, bias, weight=class_weight,
+                                               ignore_index=ignore_index,
                                                reduction=reduction, label_smoothing=label_smoothing,
                                                z_loss=z_loss, softcap=softcap,
                                                out_dtype=torch.promote_types(input.dtype, torch.float32))
@@ -515,8 +601,8 @@ def _linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, 
                torch.ops.llmfast.cross_entropy_scale_grad_)
     chunk = chunk_size or _ops.cross_entropy.default_chunk_rows(target.numel(), V, input.element_size())
     loss = _ops.cross_entropy.LinearCrossEntropyFunction.apply(
-        input, weight, target, bias, _REDUCTION_CODES[reduction], ignore_index, label_smoothing, z_loss, softcap,
-        chunk, *ops)
+        input, weight, target, bias, class_weight, _REDUCTION_CODES[reduction], ignore_index, label_smoothing, z_loss,
+        softcap, chunk, *ops)
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss

@@ -38,15 +38,19 @@ class RMSNorm(torch.nn.RMSNorm):
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """torch.nn.CrossEntropyLoss running llmfast's fused kernels (same constructor and defaults;
-    `weight` stays a buffer). Class-index targets only.
+    `weight` stays a buffer); class-probability targets go through plain PyTorch.
 
-    Keyword-only `process_group` (a torch.distributed.ProcessGroup, default None) makes it the
-    vocabulary-parallel loss: the input is this rank's slice of the classes, `weight` the full
-    class weights (see llmfast.functional.cross_entropy). It is a plain attribute, not state."""
+    Keyword-only extras, plain attributes (not state), as llmfast.functional.cross_entropy's:
+    `z_loss`, `softcap`, `inplace_backward`, and `process_group` (a
+    torch.distributed.ProcessGroup, default None), which makes it the vocabulary-parallel loss:
+    the input is this rank's slice of the classes, `weight` the full class weights."""
 
     def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-                 label_smoothing=0.0, *, process_group=None):
+                 label_smoothing=0.0, *, z_loss=0.0, softcap=None, inplace_backward=False, process_group=None):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
         self.process_group = process_group
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -54,28 +58,54 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             return torch.nn.functional.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                                      reduction=self.reduction, label_smoothing=self.label_smoothing)
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                               reduction=self.reduction, label_smoothing=self.label_smoothing,
+                               reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                               softcap=self.softcap, inplace_backward=self.inplace_backward,
                                process_group=self.process_group)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """Fused output projection + cross-entropy: forward(input, weight, target, bias=None) is
-    llmfast.functional.linear_cross_entropy. The module owns no parameters, only options, and
-    takes the projection weight at call time, so it works with a tied embedding
-    (loss_fn(h, model.embed.weight, target)). With `process_group` (keyword-only, default None)
-    the weight passed at call time is this rank's slice of the vocabulary (see
-    llmfast.functional.linear_cross_entropy)."""
+_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", None)  # torch >= 2.14
 
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
-                 chunk_size=None, process_group=None):
+
+def _is_torch_form(args, kwargs):
+    """LinearCrossEntropyLoss(in_features, num_classes, ...) (torch's form), rather than
+    llmfast's LinearCrossEntropyLoss(ignore_index=-100, reduction='mean', ...)."""
+    if "in_features" in kwargs or "num_classes" in kwargs:
+        return True
+    return len(args) >= 2 and isinstance(args[1], int) and not isinstance(args[1], bool)
+
+
+class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.Module):
+    """Fused output projection + cross-entropy (llmfast.functional.linear_cross_entropy), in
+    either of two forms:
+
+    - llmfast's, LinearCrossEntropyLoss(ignore_index=-100, reduction='mean', label_smoothing=0.0,
+      *, z_loss=0.0, softcap=None, chunk_size=None, process_group=None): owns no parameters,
+      only options, and takes the projection at call time, loss_fn(input, weight, target,
+      bias=None), so it works with a tied embedding (loss_fn(h, model.embed.weight, target)).
+      With `process_group` the weight passed at call time is this rank's slice of the
+      vocabulary (see llmfast.functional.linear_cross_entropy).
+    - torch >= 2.14's, LinearCrossEntropyLoss(in_features, num_classes, *, out_features=(),
+      bias=False, device=None, dtype=None, reduction='mean', weight=None, ignore_index=None,
+      label_smoothing=0.0, options=None) (plus z_loss, softcap, chunk_size): owns its projection
+      `linear` (and class weights `weight`), with torch's parameters and state_dict;
+      loss_fn(input, target).
+
+    Either form is an instance of torch.nn.LinearCrossEntropyLoss where torch has it."""
+
+    def __init__(self, *args, **kwargs):
+        if _is_torch_form(args, kwargs):
+            self._init_owning(*args, **kwargs)
+        else:
+            self._init_options(*args, **kwargs)
+
+    def _init_options(self, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+                      chunk_size=None, process_group=None):
         if reduction not in ("none", "mean", "sum"):
-            hint = ""
-            if isinstance(reduction, int) and not isinstance(reduction, bool):
-                hint = (" (torch >= 2.14's LinearCrossEntropyLoss(in_features, num_classes) owns its projection; "
-                        "llmfast's takes it at call time: loss_fn(input, weight, target, bias=None))")
             raise LlmfastValueError(f"LinearCrossEntropyLoss: reduction must be 'none', 'mean' or 'sum', got "
-                                    f"{reduction!r}{hint}")
-        super().__init__()
+                                    f"{reduction!r}")
+        torch.nn.Module.__init__(self)
+        self.register_buffer("weight", None)
+        self.linear = None
         self.process_group = process_group
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -83,14 +113,63 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.options = None
 
-    def forward(self, input, weight, target, bias=None):
-        return F.linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
-                                      reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                      z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
-                                      process_group=self.process_group)
+    def _init_owning(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                     reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0,
+                     softcap=None, chunk_size=None):
+        if _TorchLinearCrossEntropyLoss is not None:
+            _TorchLinearCrossEntropyLoss.__init__(
+                self, in_features, num_classes, out_features=out_features, bias=bias, device=device, dtype=dtype,
+                reduction=reduction, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                options=options)
+        else:  # torch < 2.14: the same attributes, parameters and state_dict, built here
+            if weight is not None and tuple(weight.shape) != (num_classes,):
+                raise LlmfastValueError(f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), got "
+                                        f"{tuple(weight.shape)}")
+            torch.nn.Module.__init__(self)
+            self.register_buffer("weight", weight)
+            self.reduction = reduction
+            self.num_classes = num_classes
+            self.out_features = tuple(out_features)
+            self.ignore_index = ignore_index
+            self.label_smoothing = label_smoothing
+            n_out = num_classes
+            for d in self.out_features:
+                n_out *= d
+            self.linear = torch.nn.Linear(in_features, n_out, bias=bias, device=device, dtype=dtype)
+            self.options = options
+        self.process_group = None
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+
+    def forward(self, input, weight=None, target=None, bias=None):
+        """llmfast's form: (input, weight, target, bias=None); torch's form: (input, target)."""
+        if self.linear is None:
+            return F.linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
+                                          reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                          z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size,
+                                          process_group=self.process_group)
+        if target is None:
+            target = weight  # loss_fn(input, target): the second positional argument is the target
+        elif weight is not None:
+            raise LlmfastTypeError("LinearCrossEntropyLoss: this loss owns its projection (in_features, num_classes "
+                                   "form): call it as loss_fn(input, target)")
+        linear = self.linear
+        linear_weight = linear.weight.reshape(self.num_classes, *self.out_features, linear.in_features)
+        linear_bias = linear.bias.reshape(self.num_classes, *self.out_features) if linear.bias is not None else None
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+                                      reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                                      chunk_size=self.chunk_size, options=self.options)
 
     def extra_repr(self):
+        if self.linear is not None:
+            return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                    f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                    f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                    f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")
 

@@ -563,6 +563,15 @@ def test_nn_module_is_drop_in(device):
         x = torch.randn(7, 30, device=device)
         t = torch.randint(0, 30, (7,), device=device)
         torch.testing.assert_close(ours(x, t), theirs(x, t), atol=1e-5, rtol=1e-5)
+    # llmfast's extras as keyword-only module options (not state), as the functional's
+    extras = llmfast.nn.CrossEntropyLoss(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=5.0,
+                                         inplace_backward=True).to(device)
+    assert extras.state_dict().keys() == pairs[1][0].state_dict().keys()
+    x = torch.randn(7, 30, device=device)
+    t = torch.randint(0, 30, (7,), device=device)
+    logits = x.clone().requires_grad_()
+    expected = LF.cross_entropy(x, t, weight=w.to(device), label_smoothing=0.1, z_loss=1e-2, softcap=5.0)
+    torch.testing.assert_close(extras(logits * 1.0, t), expected, atol=1e-5, rtol=1e-5)
 
 
 # --- GPU only: vocabularies of the benchmarks, cluster and looped paths, 64-bit offsets ---------

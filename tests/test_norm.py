@@ -330,6 +330,35 @@ def test_autocast_gives_torchs_dtypes_and_values(device, backend):
             torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol, msg=f"{x_dtype} {p_dtype} case {i}")
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params())
+@pytest.mark.parametrize("rms", [False, True])
+def test_residual_of_another_dtype_is_promoted_as_torch(device, backend, rms):
+    """A 16-bit input with a float32 residual stream (mixed precision's usual pre-norm setup):
+    as torch's layer_norm(input + residual), the sum and the output are float32, and the
+    gradients go back in each tensor's own dtype."""
+    torch.manual_seed(13)
+    F = torch.nn.functional
+    n = 48
+    for low in (torch.float16, torch.bfloat16):
+        x = torch.randn(6, n, device=device).to(low).requires_grad_()
+        r = torch.randn(6, n, device=device).requires_grad_()
+        w = (torch.rand(n, device=device) + 0.5).requires_grad_()
+        with llmfast.use_backend(backend):
+            y, s = (LF.add_rms_norm(x, r, (n,), w) if rms else LF.add_layer_norm(x, r, (n,), w))
+        x_ref, r_ref, w_ref = (t.detach().clone().requires_grad_() for t in (x, r, w))
+        s_ref = x_ref + r_ref
+        y_ref = F.rms_norm(s_ref, (n,), w_ref) if rms else F.layer_norm(s_ref, (n,), w_ref)
+        assert y.dtype == s.dtype == torch.float32
+        torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+        g, gs = torch.randn_like(y_ref), torch.randn_like(y_ref)
+        torch.autograd.backward((y, s), (g, gs))
+        torch.autograd.backward((y_ref, s_ref), (g, gs))
+        assert x.grad.dtype == low and r.grad.dtype == torch.float32
+        for ours, theirs in ((x.grad, x_ref.grad), (r.grad, r_ref.grad), (w.grad, w_ref.grad)):
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
 def test_float32_autocast_policy_casts_as_torch(monkeypatch):
     """The float32 policy (CUDA's, tested here on the CPU by giving the CPU that policy): 16-bit
     input and parameters are normalized in float32 with a float32 output and float32-accurate
@@ -364,8 +393,11 @@ def test_float32_autocast_policy_casts_as_torch(monkeypatch):
     torch.testing.assert_close(x.grad, xf.grad.bfloat16(), atol=1e-2, rtol=1e-2)  # a bf16 ulp
     torch.testing.assert_close(w.grad, wf.grad.bfloat16(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(b.grad, bf.grad, atol=1e-5, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="residual"):
-        LF.add_layer_norm(x, r.float(), (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a float32 residual: torch's x + r is float32
+        ym, sm = LF.add_layer_norm(x.detach(), r.float(), (n,))
+    assert ym.dtype == sm.dtype == torch.float32
+    torch.testing.assert_close(sm, x.detach().float() + r.float(), atol=0, rtol=0)
+    torch.testing.assert_close(ym, F.layer_norm(sm, (n,)), atol=1e-5, rtol=1e-5)
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -381,7 +413,7 @@ def test_bad_input_names_the_argument(device, backend):
         (lambda: LF.layer_norm(torch.ones(4, 16, dtype=torch.int32, device=device), (16,)), "input"),
         (lambda: LF.layer_norm(x.half(), (16,), torch.randn(16, device=device, dtype=torch.bfloat16)), "weight"),
         (lambda: LF.add_layer_norm(x, torch.randn(4, 15, device=device), (16,)), "residual"),
-        (lambda: LF.add_rms_norm(x, x.half(), (16,)), "residual"),
+        (lambda: LF.add_rms_norm(x, x.to(torch.int32), (16,)), "residual"),
         (lambda: LF.add_layer_norm(x, None, (16,)), "residual"),
         (lambda: LF.add_rms_norm(x, None, (16,)), "residual"),
         (lambda: LF.rms_norm(x, (16,), eps="1e-5"), "eps"),  # (a negative eps is allowed, as in torch)

@@ -215,18 +215,80 @@ def test_cross_entropy_infinite_logit_gives_torchs_nan(device, backend):
     assert ours[0].isnan()
 
 
-def test_linear_cross_entropy_loss_explains_its_api():
-    """torch >= 2.14 has a LinearCrossEntropyLoss(in_features, num_classes) that owns its
-    projection; llmfast's takes the weight at call time: the torch-style call must fail at
-    construction with an error that says so, not later with a confusing one."""
-    with pytest.raises(ValueError, match="takes it at call time"):
-        llmfast.nn.LinearCrossEntropyLoss(768, 50257)
+@pytest.mark.parametrize("device,backend", device_backend_params())
+def test_linear_cross_entropy_takes_torchs_signature(device, backend):
+    """torch >= 2.14's F.linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight
+    (class weights), reduction, ignore_index (None = -100), label_smoothing, options): values and
+    gradients of F.cross_entropy(F.linear(...)) on every backend (the fused path with class
+    weights), class-probability targets and a K-dimensional projection (unfused), and llmfast's
+    own keyword form (weight= the projection when linear_weight is absent)."""
+    torch.manual_seed(31)
+    N, D, V = 11, 6, 13
+    x = torch.randn(N, D, device=device)
+    W = torch.randn(V, D, device=device)
+    b = torch.randn(V, device=device)
+    cw = torch.rand(V, device=device) + 0.2
+    t = torch.randint(0, V, (N,), device=device)
+    t[4] = -100
+    for reduction in ("mean", "sum", "none"):
+        for smoothing in (0.0, 0.2):
+            xs, Ws, bs = (a.clone().requires_grad_() for a in (x, W, b))
+            xr, Wr, br = (a.clone().requires_grad_() for a in (x, W, b))
+            with llmfast.use_backend(backend):
+                ours = LF.linear_cross_entropy(xs, Ws, t, linear_bias=bs, weight=cw, reduction=reduction,
+                                               ignore_index=None, label_smoothing=smoothing, chunk_size=4)
+            ref = F.cross_entropy(F.linear(xr, Wr, br), t, weight=cw, reduction=reduction, label_smoothing=smoothing)
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+            g = torch.randn_like(ref)
+            for a, e in zip(torch.autograd.grad(ours, (xs, Ws, bs), g), torch.autograd.grad(ref, (xr, Wr, br), g)):
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    probs = torch.softmax(torch.randn(N, V, device=device), -1)
+    Wk, bk, tk = torch.randn(V, 3, D, device=device), torch.randn(V, 3, device=device), torch.randint(0, V, (N, 3))
+    with llmfast.use_backend(backend):
+        by_probs = LF.linear_cross_entropy(x, W, probs, weight=cw, label_smoothing=0.1)
+        k_dim = LF.linear_cross_entropy(x, Wk, tk.to(device), linear_bias=bk, reduction="none")
+        keyword_form = LF.linear_cross_entropy(input=x, weight=W, target=t, bias=b)
+        with pytest.raises(TypeError, match="bias and linear_bias"):
+            LF.linear_cross_entropy(x, W, t, b, linear_bias=b)
+    torch.testing.assert_close(by_probs, F.cross_entropy(x @ W.T, probs, weight=cw, label_smoothing=0.1),
+                               atol=1e-5, rtol=1e-5)
+    logits_k = (x @ Wk.reshape(-1, D).T + bk.reshape(-1)).reshape(N, V, 3)
+    torch.testing.assert_close(k_dim, F.cross_entropy(logits_k, tk.to(device), reduction="none"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(keyword_form, F.cross_entropy(F.linear(x, W, b), t), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_torchs_class", [True, False])
+def test_linear_cross_entropy_loss_both_forms(monkeypatch, with_torchs_class):
+    """llmfast.nn.LinearCrossEntropyLoss: llmfast's form (options only, the projection at call
+    time) and torch >= 2.14's (in_features, num_classes, ...; owns `linear`, torch's state_dict,
+    loss_fn(input, target)); built by torch's own constructor where torch has the class, by
+    llmfast's otherwise (with_torchs_class=False pretends it is absent)."""
+    torch_class = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+    if with_torchs_class and torch_class is None:
+        pytest.skip("this torch has no torch.nn.LinearCrossEntropyLoss")
+    if not with_torchs_class:
+        monkeypatch.setattr(llmfast.nn, "_TorchLinearCrossEntropyLoss", None)
+    torch.manual_seed(32)
     with pytest.raises(ValueError, match="reduction"):
         llmfast.nn.LinearCrossEntropyLoss(reduction="avg")
     loss_fn = llmfast.nn.LinearCrossEntropyLoss(-1, "sum")
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.tensor([1, -1, 3, 9])
     torch.testing.assert_close(loss_fn(h, w, t), F.cross_entropy(h @ w.T, t, ignore_index=-1, reduction="sum"),
                                atol=1e-4, rtol=1e-4)
+    cw = torch.rand(10) + 0.5
+    owning = llmfast.nn.LinearCrossEntropyLoss(8, 10, bias=True, weight=cw, label_smoothing=0.1)
+    assert sorted(owning.state_dict()) == ["linear.bias", "linear.weight", "weight"]
+    if torch_class is not None:
+        assert isinstance(owning, torch_class) and isinstance(loss_fn, torch_class)
+        theirs = torch_class(8, 10, bias=True, weight=cw, label_smoothing=0.1)
+        theirs.load_state_dict(owning.state_dict())
+        assert sorted(theirs.state_dict()) == sorted(owning.state_dict())
+    expected = F.cross_entropy(owning.linear(h), t.clamp(min=0), weight=cw, label_smoothing=0.1)
+    torch.testing.assert_close(owning(h, t.clamp(min=0)), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(owning(h, target=t.clamp(min=0)), expected, atol=1e-5, rtol=1e-5)
+    k_dim = llmfast.nn.LinearCrossEntropyLoss(8, 5, out_features=(3,))
+    tk = torch.randint(0, 5, (4, 3))
+    torch.testing.assert_close(k_dim(h, tk), F.cross_entropy(k_dim.linear(h).reshape(4, 5, 3), tk), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")

@@ -13,7 +13,11 @@ _functorch = torch._C._functorch
 
 
 def is_transformed(*tensors):
-    """True when any of `tensors` (None entries ignored) is batched or functorch-wrapped."""
+    """True when any of `tensors` (None entries ignored) is batched or functorch-wrapped. (Never
+    in a graph torch.compile traces: its gradients are plain there, and Dynamo cannot trace the
+    functorch queries.)"""
+    if torch.compiler.is_compiling():
+        return False
     for t in tensors:
         if t is not None and (_functorch.is_legacy_batchedtensor(t) or _functorch.is_functorch_wrapped_tensor(t)):
             return True

@@ -278,24 +278,27 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, target, bias, reduction, ignore_index, label_smoothing, z_loss, softcap,
-                chunk, fwd_op, fwd_inplace_op, scale_op):
+    def forward(ctx, input, weight, target, bias, class_weight, reduction, ignore_index, label_smoothing, z_loss,
+                softcap, chunk, fwd_op, fwd_inplace_op, scale_op):
         if not torch.compiler.is_compiling():  # (compiled graphs have no double backward)
             ctx.inputs = _create_graph.InputRefs("linear_cross_entropy", input=input, weight=weight, target=target,
-                                                 bias=bias)
+                                                 bias=bias, class_weight=class_weight)
         ctx.input_shape = input.shape
         input = input.reshape(-1, input.shape[-1]).contiguous()
         target = target.reshape(-1).to(torch.int64).contiguous()
         M = input.shape[0]
         V = weight.shape[0]
         opts = (ignore_index, label_smoothing, z_loss, softcap)
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[3]
         # (torch.export records the forward only: gradients made there would be graph outputs
         # written by out= matmuls, which an exported module cannot differentiate through)
         eager_grads = reduction != 0 and (need_x or need_w or need_b) and not torch.compiler.is_exporting()
         valid = (target != ignore_index) & (target >= 0) & (target < V)
         if reduction == 1:
-            count = valid.sum(dtype=torch.float32)
+            # (the sum of the target classes' weights over the valid rows, as torch's 'mean')
+            count = valid.sum(dtype=torch.float32) if class_weight is None else \
+                torch.where(valid, class_weight.float()[target.clamp(0, max(V - 1, 0))], 0.0).sum()
             inv_count = 1.0 / count  # the loss is NaN when every target is ignored, as torch's
             grad_factor = torch.where(count > 0, inv_count, torch.zeros_like(inv_count))  # zero gradients then
         else:
@@ -310,10 +313,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             t_c = target[start:start + chunk]
             logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
             if not eager_grads:
-                loss_c, _, _ = fwd_op(logits, t_c, None, 0 if reduction == 0 else 2, *opts, False)
+                loss_c, _, _ = fwd_op(logits, t_c, class_weight, 0 if reduction == 0 else 2, *opts, False)
                 losses.append(loss_c)
                 continue
-            loss_c, _ = fwd_inplace_op(logits, t_c, None, 2, *opts)  # logits now hold d loss_sum / d logits
+            loss_c, _ = fwd_inplace_op(logits, t_c, class_weight, 2, *opts)  # logits now hold d loss_sum / d logits
             losses.append(loss_c)
             if grad_factor is not None:
                 x_c = x_c * grad_factor.to(x_c.dtype)
@@ -343,7 +346,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if eager_grads:
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         else:
-            ctx.save_for_backward(input, weight, target, bias)
+            ctx.save_for_backward(input, weight, target, bias, class_weight)
         return loss
 
     @staticmethod
@@ -367,7 +370,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if grad_b is not None:
                 grad_b = grad_b * grad_loss
         else:
-            input, weight, target, bias = ctx.saved_tensors
+            input, weight, target, bias, class_weight = ctx.saved_tensors
             M = input.shape[0]
             grad_x = torch.empty_like(input) if need_x else None
             grad_w = _weight_grad_buffer(weight, M) if need_w else None
@@ -375,7 +378,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             for start in range(0, M, ctx.chunk):
                 x_c = input[start:start + ctx.chunk]
                 logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
-                fwd_inplace_op(logits, target[start:start + ctx.chunk], None, 0, *ctx.opts)
+                fwd_inplace_op(logits, target[start:start + ctx.chunk], class_weight, 0, *ctx.opts)
                 scale_op(logits, grad_loss[start:start + ctx.chunk])
                 if need_x:
                     torch.mm(logits, weight, out=grad_x[start:start + ctx.chunk])
@@ -387,7 +390,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_b is not None:
             grad_b = grad_b.to(ctx.bias_dtype)
         return (grad_x.view(ctx.input_shape) if need_x else None, grad_w if need_w else None, None,
-                grad_b if need_b else None, None, None, None, None, None, None, None, None, None)
+                grad_b if need_b else None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _linear_transformed_backward(ctx, grad_loss):
@@ -403,13 +406,13 @@ def _linear_transformed_backward(ctx, grad_loss):
         grad_b = grad_b * grad_loss.to(torch.float32) if need_b else None
     else:
         fwd_inplace_op, _ = ctx.ops
-        input, weight, target, bias = ctx.saved_tensors
+        input, weight, target, bias, class_weight = ctx.saved_tensors
         grad_loss = grad_loss.to(torch.float32).reshape(-1)
         xs, grad_w, grad_b = [], None, None
         for start in range(0, input.shape[0], ctx.chunk):
             x_c = input[start:start + ctx.chunk]
             logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
-            fwd_inplace_op(logits, target[start:start + ctx.chunk], None, 0, *ctx.opts)  # its own buffer
+            fwd_inplace_op(logits, target[start:start + ctx.chunk], class_weight, 0, *ctx.opts)  # its own buffer
             g = _scaled(logits, grad_loss[start:start + ctx.chunk])
             if need_x:
                 xs.append(g @ weight)
@@ -428,7 +431,7 @@ def _linear_transformed_backward(ctx, grad_loss):
     if need_b:
         grad_b = grad_b.to(ctx.bias_dtype)
     return (grad_x.view(ctx.input_shape) if need_x else None, grad_w if need_w else None, None,
-            grad_b if need_b else None, None, None, None, None, None, None, None, None, None)
+            grad_b if need_b else None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _linear_reference_backward(ctx, grad_loss):
@@ -438,7 +441,8 @@ def _linear_reference_backward(ctx, grad_loss):
     ignore_index, label_smoothing, z_loss, softcap = ctx.opts
 
     def loss_fn(x, w, b):
-        loss = _reference.linear_cross_entropy(x, w, refs["target"], b, ignore_index=ignore_index,
+        loss = _reference.linear_cross_entropy(x, w, refs["target"], b, weight=refs["class_weight"],
+                                               ignore_index=ignore_index,
                                                reduction=_REDUCTION_NAMES[ctx.reduction],
                                                label_smoothing=label_smoothing,
                                                z_loss=z_loss, softcap=softcap)
@@ -447,4 +451,4 @@ def _linear_reference_backward(ctx, grad_loss):
     needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[3])
     grad_x, grad_w, grad_b = _create_graph.reference_grads(loss_fn, (refs["input"], refs["weight"], refs["bias"]),
                                                            needs, (grad_loss,))
-    return (grad_x, grad_w, None, grad_b) + (None,) * 9
+    return (grad_x, grad_w, None, grad_b) + (None,) * 10

@@ -129,17 +129,39 @@ def cross_entropy_probs(input, target, weight=None, reduction="mean", label_smoo
     return loss.to(torch.promote_types(input.dtype, target.dtype))
 
 
-def linear_cross_entropy(input, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
-                         label_smoothing=0.0, z_loss=0.0, softcap=None, out_dtype=None):
-    """cross_entropy(input @ weight.T + bias, target, ...) over the last dimension of `input`
-    (..., D), with `weight` (V, D) the output projection; target has input's leading shape.
-    The logits are computed in float32 (float64 for float64 input) and not rounded to the input
-    dtype. No class weights: `weight` is the projection. The loss is returned in `out_dtype`
-    (default: input's dtype)."""
+def linear_arguments(fn, linear_weight, weight, bias, linear_bias):
+    """Sorts out linear_cross_entropy's two calling conventions; returns (projection, class
+    weights or None, bias or None).
+
+    torch >= 2.14: linear_cross_entropy(input, linear_weight, target, *, linear_bias=None,
+    weight=None, ...), `weight` being the class weights. llmfast's original form:
+    linear_cross_entropy(input, weight, target, bias=None, ...), `weight` the projection (the
+    second parameter, by position or, when linear_weight is not given, by the keyword)."""
+    if linear_weight is None:
+        if weight is None:
+            raise TypeError(f"{fn}: missing the projection weight (linear_weight, the second argument: (V, D))")
+        linear_weight, weight = weight, None
+    if bias is not None and linear_bias is not None:
+        raise TypeError(f"{fn}: got both bias and linear_bias (the same thing: pass one)")
+    return linear_weight, weight, (bias if bias is not None else linear_bias)
+
+
+def linear_cross_entropy(input, linear_weight=None, target=None, bias=None, *, linear_bias=None, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                         out_dtype=None):
+    """cross_entropy(input @ linear_weight.T + bias, target, weight, ...) over the last dimension of
+    `input` (..., D), with `linear_weight` (V, D) the output projection and `weight` (V,) optional
+    class weights (both calling conventions of llmfast.functional.linear_cross_entropy: see
+    linear_arguments); target has input's leading shape. The logits are computed in float32
+    (float64 for float64 input) and not rounded to the input dtype. The loss is returned in
+    `out_dtype` (default: input's dtype)."""
+    linear_weight, weight, bias = linear_arguments("linear_cross_entropy", linear_weight, weight, bias, linear_bias)
+    if ignore_index is None:
+        ignore_index = -100  # torch's default for class indices
     acc = _acc_dtype(input.dtype)
-    logits = torch.nn.functional.linear(input.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None)
-    logits = logits.reshape(-1, weight.shape[0])
-    loss = cross_entropy(logits, target.reshape(-1), None, ignore_index, reduction, label_smoothing,
+    logits = torch.nn.functional.linear(input.to(acc), linear_weight.to(acc), bias.to(acc) if bias is not None else None)
+    logits = logits.reshape(-1, linear_weight.shape[0])
+    loss = cross_entropy(logits, target.reshape(-1), weight, ignore_index, reduction, label_smoothing,
                          z_loss=z_loss, softcap=softcap)
     if reduction == "none":
         loss = loss.reshape(target.shape)
