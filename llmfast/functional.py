@@ -660,6 +660,24 @@ def _from_causal_bias(fn, bias, is_causal, sq, sk, device):
     return bias._materialize(device), False, None
 
 
+def _lower_right_window(fn, window_size, attn_mask, causal_right, sq, sk, device):
+    """A window with a lower-right CausalBias follows that diagonal (FlashAttention's alignment):
+    query i sees keys i + (Sk - Sq) - left .. i + (Sk - Sq), e.g. the last `left` + 1 keys of a
+    KV cache for one decoded query. Where the kernels' band (left edge i - left', left' >= 0)
+    can say it, returns it as a window; otherwise as a boolean (Sq, Sk) mask (Sq * Sk bytes).
+    Returns (attn_mask, causal_right, window_size)."""
+    left, _ = _window(fn, window_size)  # the right side is the causal diagonal's
+    if left < 0:
+        return attn_mask, causal_right, window_size
+    offset = sk - sq
+    if causal_right is not None and left >= offset:
+        return attn_mask, causal_right, (left - offset, -1)
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    band = (j >= i + offset - left) & (j <= i + offset)
+    return (band if attn_mask is None else attn_mask & band), None, None
+
+
 def _window(fn, window_size):
     if window_size is None:
         return -1, -1
@@ -794,9 +812,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Extras (keyword-only):
     - window_size=(left, right): sliding window, query i sees keys i - left .. i + right (any
       negative value, e.g. -1, = unbounded on that side; ints or one-element integer tensors;
-      combines with is_causal and attn_mask). Top-left aligned like is_causal; FlashAttention
-      aligns windows and causal masks bottom-right when Sq != Sk (for causal attention pass
-      torch.nn.attention.bias.causal_lower_right(Sq, Sk) as attn_mask to get that).
+      combines with is_causal and attn_mask). Top-left aligned like is_causal; with attn_mask =
+      torch.nn.attention.bias.causal_lower_right(Sq, Sk) the causal edge and the window are
+      aligned bottom-right, as FlashAttention aligns them when Sq != Sk (a decoded query with a
+      KV cache then sees the last left + 1 keys).
     - softcap: scores = softcap * tanh(scores / softcap) before masking (Gemma 2); None or 0
       means off.
     - return_lse=True returns (out, lse), lse (..., Hq, Sq) float32 (float64 for float64
@@ -850,7 +869,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     sk = key.shape[-2]
     causal_right = None  # a bottom-right causal band from a CausalBias: query i sees keys j <= i + this
     if isinstance(attn_mask, _CausalBias):
+        lower_right = attn_mask.variant == _CausalVariant.LOWER_RIGHT
         attn_mask, is_causal, causal_right = _from_causal_bias(fn, attn_mask, is_causal, sq, sk, query.device)
+        if lower_right and window_size is not None:
+            attn_mask, causal_right, window_size = _lower_right_window(fn, window_size, attn_mask, causal_right, sq,
+                                                                      sk, query.device)
     if key.shape[-1] != d:
         raise LlmfastValueError(f"{fn}: key must have query's head dim {d} (last dimension), got shape "
                                 f"{tuple(key.shape)}")

@@ -154,6 +154,32 @@ def test_attention_causal_bias_masks(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
+def test_attention_window_follows_a_lower_right_causal_bias(device, backend):
+    """window_size with causal_lower_right(Sq, Sk) is aligned to that diagonal, as
+    FlashAttention's window with Sq != Sk: query i sees keys i + Sk - Sq - left .. i + Sk - Sq
+    (one decoded query sees the last left + 1 keys of its cache); both the kernels' band form
+    (left >= Sk - Sq) and the mask form, values and gradients against torch on the dense mask."""
+    for sq, sk in ((1, 20), (4, 20), (9, 9), (7, 4)):
+        for left in (0, 3, 12):
+            q, k, v = (_rand(1, 2, s, 8, device=device, seed=i).requires_grad_() for i, s in enumerate((sq, sk, sk)))
+            i = torch.arange(sq, device=device)[:, None]
+            j = torch.arange(sk, device=device)[None, :]
+            keep = (j <= i + sk - sq) & (j >= i + sk - sq - left)
+            with llmfast.use_backend(backend):
+                ours = LF.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(sq, sk),
+                                                       window_size=(left, 0))
+            with sdpa_kernel(SDPBackend.MATH):
+                theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            seen = keep.any(-1)[:, None]
+            what = f"({sq}, {sk}) left={left}"
+            torch.testing.assert_close(ours * seen, theirs.nan_to_num() * seen, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m: f"{what}: {m}")
+            g = torch.randn_like(theirs) * seen
+            for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
+                torch.testing.assert_close(a, b.nan_to_num(), atol=1e-4, rtol=1e-3, msg=lambda m: f"{what} grad: {m}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
 def test_attention_finite_mask_minimum_is_not_a_full_mask(device, backend):
     """A row masked only with finfo(float32).min (Hugging Face's padding value) averages its
     keys, as torch's math path does (on the CPU; torch's CUDA kernels zero such a row, so the
