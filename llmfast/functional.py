@@ -420,7 +420,8 @@ def _grad_view(shape):
         return lambda g: g.view(shape)
     if len(shape) == 2:
         return lambda g: g
-    return lambda g: g.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    # contiguous, as torch's gradient (one copy; (N, C) inputs, the common case, need none)
+    return lambda g: g.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
 
 
 def _ce_eager_ops(backend):

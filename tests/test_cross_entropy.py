@@ -160,6 +160,13 @@ def test_class_dim_and_leading_dims(device, backend, reduction, poison):
         opts = dict(reduction=reduction)
         _check(backend, device, torch.float32, x, t, dict(reduction=reduction, weight=w, label_smoothing=0.05),
                opts)
+        if backend == "reference":
+            continue  # (plain PyTorch: its gradient's layout is whatever autograd makes of it)
+        xg = x.clone().requires_grad_()
+        with llmfast.use_backend(backend):
+            loss = LF.cross_entropy(xg, t, weight=w, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss, xg, torch.ones_like(loss))
+        assert grad.is_contiguous()  # as torch's gradient (a permuted view would surprise a caller's .view)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
