@@ -19,7 +19,7 @@ import llmfast.functional as LF
 import llmfast.reference as R
 
 from .. import peers
-from ..spec import Case, OpSpec, register
+from ..spec import Case, OpSpec, Unavailable, register
 
 IGNORE_INDEX = -100
 IGNORED_ONE_IN = 7  # ignore_index on 1/7 of the rows (PERF.md)
@@ -172,6 +172,19 @@ def _liger_lce(device):
     return forward
 
 
+def _torch_chunked_lce(device):
+    """torch >= 2.14's own fused linear + cross-entropy (its chunked path, options given)."""
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is None or not hasattr(F, "linear_cross_entropy"):
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (torch >= 2.14)")
+    opts = options()
+
+    def forward(a):
+        return (F.linear_cross_entropy(a["hidden"], a["weight"], a["target"], ignore_index=IGNORE_INDEX,
+                                       options=opts),)
+    return forward
+
+
 register(OpSpec(
     name="linear_cross_entropy",
     order=50,
@@ -185,10 +198,11 @@ register(OpSpec(
     metric="TFLOP/s",
     formula=("fwd+bwd 6*M*D*V (logits x @ W.T, then dx and dW); fwd 2*M*D*V (the logits matmul); hidden (M, D), "
              "weight (V, D), no bias, ignore_index=-100 on 1/7 of the rows, mean reduction, incoming gradient 1"),
-    peers={"liger": _liger_lce},
+    peers={"liger": _liger_lce, "torch-chunked": _torch_chunked_lce},
     peer_notes={
         "torch": "F.linear in the input dtype, .float(), then F.cross_entropy",
         "liger": "LigerFusedLinearCrossEntropyFunction, mean reduction, accum_dtype=None (Liger's default)",
+        "torch-chunked": "torch >= 2.14's F.linear_cross_entropy with LinearCrossEntropyOptions() (its chunked path)",
     },
     modes=_MODES,
     shape_names=("M", "D", "V"),
