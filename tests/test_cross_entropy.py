@@ -783,6 +783,33 @@ def test_linear_cross_entropy_default_chunk_and_tied_weight_module(device, backe
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
+def test_linear_cross_entropy_backward_without_forward_gradients(device, backend, monkeypatch):
+    """A forward traced without its gradients (torch.export; torch < 2.14's torch.compile says
+    is_exporting() while tracing) keeps the inputs and recomputes the logits in backward: the
+    gradients of 'mean' (class weights, ignored rows), 'sum' and 'none' are still torch's."""
+    if backend == "reference":
+        pytest.skip("the reference path has no fused backward")
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    torch.manual_seed(11)
+    h, w, b = torch.randn(9, 8, device=device), torch.randn(21, 8, device=device), torch.randn(21, device=device)
+    cw = torch.rand(21, device=device) + 0.5
+    t = torch.randint(0, 21, (9,), device=device)
+    t[2] = -100
+    for reduction, weight in (("mean", cw), ("mean", None), ("sum", cw), ("none", None)):
+        leaves = [a.clone().requires_grad_() for a in (h, w, b)]
+        refs = [a.clone().requires_grad_() for a in (h, w, b)]
+        with llmfast.use_backend(backend):
+            loss = LF.linear_cross_entropy(*leaves[:2], t, leaves[2], weight=weight, reduction=reduction,
+                                           label_smoothing=0.1, chunk_size=4)
+        logits = torch.nn.functional.linear(*refs[:2], refs[2])
+        ref = torch.nn.functional.cross_entropy(logits, t, weight=weight, reduction=reduction, label_smoothing=0.1)
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        g = torch.rand_like(ref) + 0.5
+        for a, e in zip(torch.autograd.grad(loss, leaves, g), torch.autograd.grad(ref, refs, g)):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=lambda m: f"{reduction}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params())
 def test_linear_cross_entropy_torch_compile(device, backend):
     torch._dynamo.reset()
 

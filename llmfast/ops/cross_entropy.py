@@ -343,6 +343,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.backward_done = False
+        ctx.eager_grads = eager_grads
         if eager_grads:
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         else:
@@ -362,7 +363,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_loss = grad_loss.to(torch.float32).contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[3]
-        if ctx.reduction != 0:
+        if ctx.eager_grads:
             grad_x, grad_w, grad_b = ctx.saved_tensors
             for g in (grad_x, grad_w):
                 if g is not None:
@@ -370,16 +371,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if grad_b is not None:
                 grad_b = grad_b * grad_loss
         else:
+            # 'none' (each row's upstream gradient is only known now), or a forward traced without
+            # its gradients (torch.export; torch < 2.14's torch.compile, where is_exporting() is
+            # True while tracing): each chunk's logits again, their gradient scaled row by row
             input, weight, target, bias, class_weight = ctx.saved_tensors
             M = input.shape[0]
+            V = weight.shape[0]
+            factor = _row_factor(ctx, grad_loss, target, class_weight, V)
             grad_x = torch.empty_like(input) if need_x else None
             grad_w = _weight_grad_buffer(weight, M) if need_w else None
-            grad_b = torch.zeros((weight.shape[0],), dtype=torch.float32, device=input.device) if need_b else None
+            grad_b = torch.zeros((V,), dtype=torch.float32, device=input.device) if need_b else None
             for start in range(0, M, ctx.chunk):
                 x_c = input[start:start + ctx.chunk]
                 logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
                 fwd_inplace_op(logits, target[start:start + ctx.chunk], class_weight, 0, *ctx.opts)
-                scale_op(logits, grad_loss[start:start + ctx.chunk])
+                scale_op(logits, factor[start:start + ctx.chunk] if ctx.reduction == 0 else factor)
                 if need_x:
                     torch.mm(logits, weight, out=grad_x[start:start + ctx.chunk])
                 if need_w:
@@ -393,13 +399,29 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_b if need_b else None, None, None, None, None, None, None, None, None, None, None)
 
 
+def _row_factor(ctx, grad_loss, target, class_weight, V):
+    """What each row's loss gradient (the kernel's 'none' gradient) is scaled by in a backward
+    that recomputes the logits: grad_loss (M,) for 'none'; else one value (1,), the upstream
+    gradient, over the valid targets' weight sum for 'mean' (0 when that sum is 0)."""
+    if ctx.reduction == 0:
+        return grad_loss.reshape(-1)
+    factor = grad_loss.reshape(1)
+    if ctx.reduction == 1:
+        ignore_index = ctx.opts[0]
+        valid = (target != ignore_index) & (target >= 0) & (target < V)
+        count = valid.sum(dtype=torch.float32) if class_weight is None else \
+            torch.where(valid, class_weight.float()[target.clamp(0, max(V - 1, 0))], 0.0).sum()
+        factor = torch.where(count > 0, factor / count, torch.zeros_like(factor))
+    return factor
+
+
 def _linear_transformed_backward(ctx, grad_loss):
-    """LinearCrossEntropyFunction.backward for a batched upstream gradient (see _is_transformed):
+    """LinearCrossEntropyFunction.backward for a batched upstream gradient (see is_transformed):
     the same chunked computation with every product out of place (no in-place scaling of a
     saved buffer, no out= matmul into an unbatched one). Saved buffers are not modified."""
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[3]
-    if ctx.reduction != 0:
+    if ctx.eager_grads:
         grad_x, grad_w, grad_b = ctx.saved_tensors
         grad_x = _scaled(grad_x, grad_loss) if need_x else None
         grad_w = _scaled(grad_w, grad_loss) if need_w else None
@@ -407,13 +429,13 @@ def _linear_transformed_backward(ctx, grad_loss):
     else:
         fwd_inplace_op, _ = ctx.ops
         input, weight, target, bias, class_weight = ctx.saved_tensors
-        grad_loss = grad_loss.to(torch.float32).reshape(-1)
+        factor = _row_factor(ctx, grad_loss.to(torch.float32), target, class_weight, weight.shape[0])
         xs, grad_w, grad_b = [], None, None
         for start in range(0, input.shape[0], ctx.chunk):
             x_c = input[start:start + ctx.chunk]
             logits = torch.addmm(bias, x_c, weight.t()) if bias is not None else torch.mm(x_c, weight.t())
             fwd_inplace_op(logits, target[start:start + ctx.chunk], class_weight, 0, *ctx.opts)  # its own buffer
-            g = _scaled(logits, grad_loss[start:start + ctx.chunk])
+            g = _scaled(logits, factor[start:start + ctx.chunk] if ctx.reduction == 0 else factor)
             if need_x:
                 xs.append(g @ weight)
             if need_w:
