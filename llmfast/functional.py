@@ -510,9 +510,9 @@ def _linear_then_cross_entropy(fn, input, linear_weight, target, bias, class_wei
         raise LlmfastValueError(f"{fn}: linear_weight must have shape (C, ..., {input.shape[-1]}) (input's last "
                                 f"dimension last), got {tuple(linear_weight.shape)}")
     out_dims = tuple(linear_weight.shape[:-1])  # (C, d1, ..., dK)
-    if len(out_dims) > 1 and input.dim() > 2:
+    if len(out_dims) > 1 and input.dim() != 2:
         raise LlmfastValueError(f"{fn}: with a K-dimensional linear_weight {tuple(linear_weight.shape)}, input must "
-                                f"be (D,) or (N, D), got shape {tuple(input.shape)}")
+                                f"be batched, (N, {input.shape[-1]}), as in torch; got shape {tuple(input.shape)}")
     if bias is not None and tuple(bias.shape) != out_dims:
         raise LlmfastValueError(f"{fn}: bias must have shape {out_dims}, got {tuple(bias.shape)}")
     logits = torch.nn.functional.linear(input, linear_weight.reshape(-1, input.shape[-1]),

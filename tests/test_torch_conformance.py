@@ -276,6 +276,8 @@ def test_linear_cross_entropy_takes_torchs_signature(device, backend):
         keyword_form = LF.linear_cross_entropy(input=x, weight=W, target=t, bias=b)
         with pytest.raises(TypeError, match="bias and linear_bias"):
             LF.linear_cross_entropy(x, W, t, b, linear_bias=b)
+        with pytest.raises(ValueError, match="batched"):  # as torch: K-dim needs (N, D) input
+            LF.linear_cross_entropy(x[0], Wk, tk[0].to(device))
     torch.testing.assert_close(by_probs, F.cross_entropy(x @ W.T, probs, weight=cw, label_smoothing=0.1),
                                atol=1e-5, rtol=1e-5)
     logits_k = (x @ Wk.reshape(-1, D).T + bk.reshape(-1)).reshape(N, V, 3)
