@@ -5,6 +5,7 @@ Under torch.jit.script the modules run torch's own implementation (TorchScript c
 the `torch.jit.is_scripting()` branch of each forward; llmfast's Python dispatch is not
 TorchScript), so scripted models keep working after the swap; torch.jit.trace and
 torch.compile record llmfast's kernels."""
+import math
 from typing import Optional
 
 import torch
@@ -103,17 +104,10 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.Module):
         if reduction not in ("none", "mean", "sum"):
             raise LlmfastValueError(f"LinearCrossEntropyLoss: reduction must be 'none', 'mean' or 'sum', got "
                                     f"{reduction!r}")
-        torch.nn.Module.__init__(self)
-        self.register_buffer("weight", None)
+        self._init_loss(None, reduction, ignore_index, label_smoothing)
         self.linear = None
-        self.process_group = process_group
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.chunk_size = chunk_size
         self.options = None
+        self._init_extras(z_loss, softcap, chunk_size, process_group)
 
     def _init_owning(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
                      reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0,
@@ -127,22 +121,28 @@ class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss or torch.nn.Module):
             if weight is not None and tuple(weight.shape) != (num_classes,):
                 raise LlmfastValueError(f"LinearCrossEntropyLoss: weight must have shape ({num_classes},), got "
                                         f"{tuple(weight.shape)}")
-            torch.nn.Module.__init__(self)
-            self.register_buffer("weight", weight)
-            self.reduction = reduction
+            self._init_loss(weight, reduction, ignore_index, label_smoothing)
             self.num_classes = num_classes
             self.out_features = tuple(out_features)
-            self.ignore_index = ignore_index
-            self.label_smoothing = label_smoothing
-            n_out = num_classes
-            for d in self.out_features:
-                n_out *= d
-            self.linear = torch.nn.Linear(in_features, n_out, bias=bias, device=device, dtype=dtype)
+            self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                          device=device, dtype=dtype)
             self.options = options
-        self.process_group = None
+        self._init_extras(z_loss, softcap, chunk_size, None)
+
+    def _init_loss(self, weight, reduction, ignore_index, label_smoothing):
+        """The Module state torch's loss classes keep (the `weight` buffer, possibly None)."""
+        torch.nn.Module.__init__(self)
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def _init_extras(self, z_loss, softcap, chunk_size, process_group):
+        """llmfast's options (plain attributes, not state)."""
         self.z_loss = z_loss
         self.softcap = softcap
         self.chunk_size = chunk_size
+        self.process_group = process_group
 
     def forward(self, input, weight=None, target=None, bias=None):
         """llmfast's form: (input, weight, target, bias=None); torch's form: (input, target)."""

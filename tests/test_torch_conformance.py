@@ -131,6 +131,18 @@ def test_cross_entropy_probability_targets_promote_like_torch(device, backend):
     torch.testing.assert_close(ours, theirs, atol=1e-2, rtol=1e-2)
 
 
+def _assert_close_on_seen_rows(ours, theirs, keep, inputs, what):
+    """Outputs and input gradients of llmfast's attention and torch's math path with the boolean
+    mask `keep` (Sq, Sk), compared on the rows that see a key: llmfast gives zeros to the others
+    (documented), torch's math path NaN or zeros."""
+    seen = keep.any(-1)[:, None]
+    torch.testing.assert_close(ours * seen, theirs.nan_to_num() * seen, atol=1e-5, rtol=1e-4,
+                               msg=lambda m: f"{what}: {m}")
+    g = torch.randn_like(theirs) * seen
+    for a, b in zip(torch.autograd.grad(ours, inputs, g), torch.autograd.grad(theirs, inputs, g)):
+        torch.testing.assert_close(a, b.nan_to_num(), atol=1e-4, rtol=1e-3, msg=lambda m: f"{what} grad: {m}")
+
+
 @pytest.mark.parametrize("device,backend", device_backend_params())
 def test_attention_causal_bias_masks(device, backend):
     """torch.nn.attention.bias.CausalBias (upper-left is is_causal, lower-right is aligned to the
@@ -143,14 +155,8 @@ def test_attention_causal_bias_masks(device, backend):
                 ours = LF.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             with sdpa_kernel(SDPBackend.MATH):
                 theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias._materialize(device))
-            # rows that see no key: llmfast gives zeros (documented), torch's math path NaN or zeros
-            seen = bias._materialize(device).any(-1)[:, None]
-            what = f"{make.__name__}({sq}, {sk})"
-            torch.testing.assert_close(ours * seen, theirs.nan_to_num() * seen, atol=1e-5, rtol=1e-4,
-                                       msg=lambda m: f"{what}: {m}")
-            g = torch.randn_like(theirs) * seen
-            for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
-                torch.testing.assert_close(a, b.nan_to_num(), atol=1e-4, rtol=1e-3, msg=lambda m: f"{what} grad: {m}")
+            _assert_close_on_seen_rows(ours, theirs, bias._materialize(device), (q, k, v),
+                                       f"{make.__name__}({sq}, {sk})")
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())
@@ -170,13 +176,7 @@ def test_attention_window_follows_a_lower_right_causal_bias(device, backend):
                                                        window_size=(left, 0))
             with sdpa_kernel(SDPBackend.MATH):
                 theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-            seen = keep.any(-1)[:, None]
-            what = f"({sq}, {sk}) left={left}"
-            torch.testing.assert_close(ours * seen, theirs.nan_to_num() * seen, atol=1e-5, rtol=1e-4,
-                                       msg=lambda m: f"{what}: {m}")
-            g = torch.randn_like(theirs) * seen
-            for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
-                torch.testing.assert_close(a, b.nan_to_num(), atol=1e-4, rtol=1e-3, msg=lambda m: f"{what} grad: {m}")
+            _assert_close_on_seen_rows(ours, theirs, keep, (q, k, v), f"({sq}, {sk}) left={left}")
 
 
 @pytest.mark.parametrize("device,backend", device_backend_params())

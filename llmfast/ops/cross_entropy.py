@@ -243,6 +243,15 @@ def default_chunk_rows(n_rows, vocab, elt_size):
     return max(1, min(n_rows, rows))
 
 
+def _target_weight_sum(target, class_weight, ignore_index, V):
+    """'mean''s divisor, as torch's: the sum over rows with a valid target (not ignore_index,
+    in [0, V)) of its class weight (1 without weights), fp32, 0-d."""
+    valid = (target != ignore_index) & (target >= 0) & (target < V)
+    if class_weight is None:
+        return valid.sum(dtype=torch.float32)
+    return torch.where(valid, class_weight.float()[target.clamp(0, max(V - 1, 0))], 0.0).sum()
+
+
 def _weight_grad_buffer(weight, n_rows):
     """The (V, D) weight-gradient buffer of linear_cross_entropy: left unfilled, since the first
     chunk writes it (_add_weight_grad), which saves a fill and a read of zeros (~0.7 ms of
@@ -294,11 +303,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # (torch.export records the forward only: gradients made there would be graph outputs
         # written by out= matmuls, which an exported module cannot differentiate through)
         eager_grads = reduction != 0 and (need_x or need_w or need_b) and not torch.compiler.is_exporting()
-        valid = (target != ignore_index) & (target >= 0) & (target < V)
         if reduction == 1:
-            # (the sum of the target classes' weights over the valid rows, as torch's 'mean')
-            count = valid.sum(dtype=torch.float32) if class_weight is None else \
-                torch.where(valid, class_weight.float()[target.clamp(0, max(V - 1, 0))], 0.0).sum()
+            count = _target_weight_sum(target, class_weight, ignore_index, V)
             inv_count = 1.0 / count  # the loss is NaN when every target is ignored, as torch's
             grad_factor = torch.where(count > 0, inv_count, torch.zeros_like(inv_count))  # zero gradients then
         else:
@@ -407,10 +413,7 @@ def _row_factor(ctx, grad_loss, target, class_weight, V):
         return grad_loss.reshape(-1)
     factor = grad_loss.reshape(1)
     if ctx.reduction == 1:
-        ignore_index = ctx.opts[0]
-        valid = (target != ignore_index) & (target >= 0) & (target < V)
-        count = valid.sum(dtype=torch.float32) if class_weight is None else \
-            torch.where(valid, class_weight.float()[target.clamp(0, max(V - 1, 0))], 0.0).sum()
+        count = _target_weight_sum(target, class_weight, ctx.opts[0], V)
         factor = torch.where(count > 0, factor / count, torch.zeros_like(factor))
     return factor
 
